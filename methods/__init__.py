@@ -11,6 +11,7 @@ import pkgutil
 from methods.base import (
     CalibData,
     CompressionMethod,
+    CompressionWarning,
     Finetune,
     MethodConfigError,
     Target,
@@ -29,6 +30,7 @@ for _info in pkgutil.iter_modules(__path__):
 __all__ = [
     "CalibData",
     "CompressionMethod",
+    "CompressionWarning",
     "Finetune",
     "MethodConfigError",
     "Target",

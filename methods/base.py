@@ -39,6 +39,7 @@ from torch import nn
 __all__ = [
     "CalibData",
     "CompressionMethod",
+    "CompressionWarning",
     "Finetune",
     "MethodConfigError",
     "Target",
@@ -55,6 +56,11 @@ __all__ = [
 
 class MethodConfigError(ValueError):
     """A hyperparameter, target or rate specification that cannot work; the message is one line."""
+
+
+class CompressionWarning(UserWarning):
+    """Something a method adjusted rather than failed on (a rank clamped to [1, min(m, d)], a layer
+    left dense). The harness records every one raised during ``compress`` in the run's tags."""
 
 
 # ----------------------------------------------------------------------------------------- units
@@ -104,7 +110,7 @@ def stored_params(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------- target
-_RATES_TERM = re.compile(r"^\[\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\](?:\s*\*\s*(\d+))?$")
+_RATES_TERM = re.compile(r"^\[\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*\](?:\s*\*\s*(\d+))?$")
 
 
 def parse_layer_rates(spec: str) -> tuple[float, ...]:
