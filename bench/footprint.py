@@ -128,7 +128,11 @@ def measure(
         macs=count_macs(model, input_shape),
         latency_ms=(
             measure_latency(
-                model, input_shape, batch_size=batch_size, threads=threads, min_run_time=min_run_time
+                model,
+                input_shape,
+                batch_size=batch_size,
+                threads=threads,
+                min_run_time=min_run_time,
             )
             if latency
             else None

@@ -147,7 +147,9 @@ def check_ratio(case: ContractCase) -> None:
     )
     if method.structured:
         dense_ratio = count_params(dense) / count_params(compressed)
-        assert dense_ratio > 1.0, f"{case.method} is structured but its dense param count did not drop"
+        assert dense_ratio > 1.0, (
+            f"{case.method} is structured but its dense param count did not drop"
+        )
 
 
 def check_outputs(case: ContractCase) -> None:
@@ -179,7 +181,9 @@ def check_hyperparameters(case: ContractCase) -> None:
     assert again == values, f"{case.method}: hyperparameters do not round-trip: {values} -> {again}"
     defaults = cls.hyperparameter_defaults()
     for key, dist in cls.search_space.items():
-        assert key in defaults, f"{case.method}.search_space names {key!r}, not an __init__ argument"
+        assert key in defaults, (
+            f"{case.method}.search_space names {key!r}, not an __init__ argument"
+        )
         internal = dist.to_internal_repr(defaults[key])
         assert dist._contains(internal), (
             f"{case.method}: default {key}={defaults[key]!r} lies outside its search space {dist}"

@@ -110,7 +110,9 @@ def stored_params(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------- target
-_RATES_TERM = re.compile(r"^\[\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*\](?:\s*\*\s*(\d+))?$")
+_RATES_TERM = re.compile(
+    r"^\[\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*\](?:\s*\*\s*(\d+))?$"
+)
 
 
 def parse_layer_rates(spec: str) -> tuple[float, ...]:
@@ -164,13 +166,17 @@ class Target:
         if (self.ratio is None) == (self.layer_rates is None):
             raise MethodConfigError("a target needs exactly one of a ratio or layer rates")
         if self.ratio is not None and not self.ratio > 1.0:
-            raise MethodConfigError(f"ratio {self.ratio} must be a number > 1 (2 = half the params)")
+            raise MethodConfigError(
+                f"ratio {self.ratio} must be a number > 1 (2 = half the params)"
+            )
 
     @classmethod
     def parse(cls, text: str | float) -> Target:
-        """A number is a ratio; a bracketed or comma list is per-layer rates."""
+        """A number is a ratio; a bracketed or comma list (or a ``rates:`` label) is per-layer rates."""
         if isinstance(text, int | float):
             return cls(ratio=float(text))
+        if text.startswith("rates:"):
+            return cls(layer_rates=parse_layer_rates(text.removeprefix("rates:")))
         try:
             return cls(ratio=float(text))
         except ValueError:
@@ -355,7 +361,9 @@ def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
     if not _NAME.match(cls.name or ""):
         raise ValueError(f"{cls.__name__}.name {cls.name!r} must be snake_case, e.g. 'my_method'")
     if cls.family not in ("frequency", "spatial"):
-        raise ValueError(f"{cls.__name__}.family must be 'frequency' or 'spatial', not {cls.family!r}")
+        raise ValueError(
+            f"{cls.__name__}.family must be 'frequency' or 'spatial', not {cls.family!r}"
+        )
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(
             f"method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__module__}"

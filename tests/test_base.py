@@ -25,7 +25,9 @@ def test_parse_layer_rates_hrank_syntax():
     assert parse_layer_rates("0.1, 0.2") == (0.1, 0.2)
 
 
-@pytest.mark.parametrize("spec", ["[1.0]*2", "[-0.1]", "[0.5]*x", "__import__('os')", "", "[0.5]**2"])
+@pytest.mark.parametrize(
+    "spec", ["[1.0]*2", "[-0.1]", "[0.5]*x", "__import__('os')", "", "[0.5]**2"]
+)
 def test_parse_layer_rates_rejects(spec):
     with pytest.raises(MethodConfigError) as err:
         parse_layer_rates(spec)

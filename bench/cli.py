@@ -1,0 +1,114 @@
+"""What every command-line entry point shares: exit codes, one-line errors, signals, plugins.
+
+Exit codes: 0 done; 1 internal error (one-line summary + the file the traceback was written to);
+2 usage or configuration error (one line: what is wrong and what to do); 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM). Interrupted runs are marked KILLED by ``bench.tracking``; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench.paths import results_dir
+
+__all__ = ["USAGE_ERRORS", "UsageError", "import_plugins", "main_guard"]
+
+
+class UsageError(ValueError):
+    """A bad command line (the message is one line)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that runs end KILLED; exits 143."""
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from bench.study import StudyError
+    from methods.base import MethodConfigError
+
+    errors: list[type[BaseException]] = [UsageError, StudyError, MethodConfigError]
+    for module, name in (
+        ("bench.data", "DataError"),
+        ("bench.models", "ModelError"),
+        ("bench.tracking", "TrackingError"),
+    ):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+USAGE_ERRORS = _usage_errors
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import user modules that register methods (``--plugin my_pkg.my_method``).
+
+    The current directory is importable, as for ``python -m``.
+    """
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise UsageError(
+                f"--plugin {name}: cannot import it ({err}); is it on PYTHONPATH or in this folder?"
+            ) from None
+
+
+def _log_traceback() -> Path | None:
+    try:
+        folder = results_dir() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"error-{dt.datetime.now():%Y%m%d-%H%M%S}.log"
+        path.write_text(traceback.format_exc())
+        return path
+    except OSError:
+        return None
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def main_guard(main: Callable[[list[str] | None], int | None], prog: str) -> Callable:
+    """Wrap a ``main(argv)`` so that errors become the project's exit codes and one-line messages."""
+
+    def wrapped(argv: list[str] | None = None) -> int:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return int(main(argv) or 0)
+        except USAGE_ERRORS() as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        except Terminated:
+            print(f"{prog}: terminated; finished runs are kept, rerun to resume", file=sys.stderr)
+            return 143
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted; finished runs are kept, rerun to resume", file=sys.stderr)
+            return 130
+        except Exception as err:
+            where = _log_traceback()
+            line = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            print(f"{prog}: internal error: {line} (traceback: {where})", file=sys.stderr)
+            return 1
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapped
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with the project's one-line errors (argparse itself already exits 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

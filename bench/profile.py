@@ -1,0 +1,167 @@
+"""``python -m bench.profile``: the footprint of a model, dense and compressed, in seconds.
+
+Runs on random weights with synthetic calibration batches and no fine-tuning, so it needs no data
+on disk (``--dataset`` only sets the input shape and the number of classes). Prints params, MACs
+(the papers' "FLOPs"), measured CPU latency of the dense and compressed model, the reductions, the
+speedup and a per-layer table; ``--json`` prints one JSON object instead.
+
+Examples:
+    python -m bench.profile --model vgg16_bn_cifar --dataset cifar10
+    python -m bench.profile --model vgg16_bn_cifar --dataset cifar10 --method dct_pruning \\
+        --layer-rates "[0.5]*7+[0.95]*5"
+    python -m bench.profile --model resnet56_cifar --dataset cifar10 --method svd --ratio 1.5 --json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+
+from bench import footprint
+from bench.cli import ArgumentParser, UsageError, import_plugins, main_guard
+from bench.study import parse_override
+
+__all__ = ["main", "profile"]
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="vgg16_bn_cifar, resnet56_cifar, any timm name")
+    p.add_argument("--dataset", required=True, help="sets input shape and classes (no data read)")
+    p.add_argument("--width", type=float, help="channel-width multiplier of the CIFAR models")
+    p.add_argument("--method", help="a registered method (python -m bench.profile --list)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--ratio", type=float, help="params compression target (> 1)")
+    target.add_argument("--layer-rates", help="per-layer rates, HRank syntax: '[0.5]*7+[0.95]*5'")
+    p.add_argument(
+        "--set",
+        dest="hps",
+        action="append",
+        default=[],
+        metavar="HP=VALUE",
+        help="a method hyperparameter, e.g. --set band=low (repeatable)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="latency batch (default 32)")
+    p.add_argument("--threads", type=int, default=None, help="latency threads (default: torch's)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def profile(args) -> dict:
+    """Measure the dense model and, when a method is given, the compressed one."""
+    from bench.data import dataset_info
+    from bench.models import create_model
+    from methods.base import CalibData, CompressionWarning, Target, create_method, no_finetune
+
+    info = dataset_info(args.dataset)
+    shape = (info.in_chans, info.height, info.width)
+    torch.manual_seed(args.seed)
+    dense = create_model(
+        args.model, num_classes=info.num_classes, in_chans=info.in_chans, width=args.width
+    ).eval()
+    kw = {"latency": not args.no_latency, "batch_size": args.batch_size, "threads": args.threads}
+    out = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "input_shape": list(shape),
+        "num_classes": info.num_classes,
+        "threads": args.threads or torch.get_num_threads(),
+        "batch_size": args.batch_size,
+    }
+    fp = footprint.measure(dense, shape, **kw)
+    out["dense"] = {**fp.as_dict(), "layers": footprint.layer_table(dense, shape)}
+    if args.method is None:
+        if args.ratio is not None or args.layer_rates is not None or args.hps:
+            raise UsageError("--ratio, --layer-rates and --set need --method")
+        return out
+    if args.ratio is None and args.layer_rates is None:
+        raise UsageError("--method needs a target: --ratio R or --layer-rates SPEC")
+    hps = dict(parse_override(text) for text in args.hps)
+    method = create_method(args.method, **hps)
+    target = Target(ratio=args.ratio) if args.ratio is not None else Target.parse(args.layer_rates)
+    calib = CalibData.synthetic(shape, info.num_classes, n_batches=2, batch_size=16, seed=args.seed)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompressionWarning)
+        compressed = method.compress(copy.deepcopy(dense), target, calib, no_finetune()).eval()
+    cfp = footprint.measure(compressed, shape, stored=method.stored_params(compressed), **kw)
+    layers = footprint.layer_table(compressed, shape)
+    extra = {r.get("layer"): r for r in method.layer_table(compressed)}
+    layers = [
+        {**r, **{k: v for k, v in extra.get(r["layer"], {}).items() if k != "layer"}}
+        for r in layers
+    ]
+    out["method"] = args.method
+    out["hyperparameters"] = method.hyperparameters()
+    out["target"] = target.label
+    out["warnings"] = sorted({str(w.message) for w in caught})
+    out["compressed"] = {**cfp.as_dict(), "layers": layers}
+    out["params_ratio"] = fp.params / cfp.stored_params
+    out["params_reduction"] = 1 - cfp.stored_params / fp.params
+    out["macs_ratio"] = fp.macs / cfp.macs
+    out["macs_reduction"] = 1 - cfp.macs / fp.macs
+    if fp.latency_ms and cfp.latency_ms:
+        out["speedup"] = fp.latency_ms / cfp.latency_ms
+    return out
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def render(out: dict) -> str:
+    from tabulate import tabulate
+
+    lines = [
+        f"{out['model']} on {out['dataset']} input {'x'.join(map(str, out['input_shape']))}, "
+        f"{out['num_classes']} classes; latency: batch {out['batch_size']}, "
+        f"{out['threads']} threads, median"
+    ]
+    d, c = out["dense"], out.get("compressed")
+    rows = [
+        ["params", _human(d["params"]), c and _human(c["params"])],
+        ["stored params", _human(d["stored_params"]), c and _human(c["stored_params"])],
+        ["FLOPs (MACs)", _human(d["macs"]), c and _human(c["macs"])],
+        [
+            "latency (ms)",
+            d["latency_ms"] and f"{d['latency_ms']:.2f}",
+            c and c["latency_ms"] and f"{c['latency_ms']:.2f}",
+        ],
+    ]
+    headers = ["", "dense"] + ([f"{out['method']} @ {out['target']}"] if c else [])
+    rows = [r[: len(headers)] for r in rows]
+    lines.append(tabulate(rows, headers=headers))
+    if c:
+        lines.append(
+            f"params -{100 * out['params_reduction']:.1f}% ({out['params_ratio']:.2f}x), "
+            f"MACs -{100 * out['macs_reduction']:.1f}% ({out['macs_ratio']:.2f}x)"
+            + (f", measured speedup {out['speedup']:.2f}x" if "speedup" in out else "")
+        )
+        for w in out["warnings"]:
+            lines.append(f"warning: {w}")
+    layers = (c or d)["layers"]
+    lines.append("")
+    lines.append(tabulate(layers, headers="keys"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import_plugins(args.plugin)
+    out = profile(args)
+    print(json.dumps(out, indent=1) if args.json else render(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main, "bench.profile")())

@@ -1,0 +1,380 @@
+"""``python -m bench.sweep --study NAME``: run a study end to end, resumably.
+
+1. Validate everything first (study keys and names, hyperparameters, targets against the model, data
+   on disk, tracking store); on error print one line, exit 2, write nothing.
+2. Baselines (cached checkpoints), then for each (method, ratio) a parent run, the tuning trials
+   (``bench.tuning``) and the final runs, one per seed. Runs are keyed by a hash of their config: a
+   rerun skips finished keys and redoes the rest.
+3. A summary table and the command that opens the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.cli import ArgumentParser, UsageError, import_plugins, main_guard
+from bench.paths import default_storage, default_tracking_uri
+from bench.study import Study, StudyError, load_study
+
+__all__ = ["main", "validate_study"]
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--study", required=True, help="study name in sweeps/ (or a path to a YAML)")
+    p.add_argument("--data-root", type=Path, help="where datasets live (default: dataset's own)")
+    p.add_argument("--download", action="store_true", help="download CIFAR when missing (online)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///results/mlflow.db)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///results/optuna.db)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a study value, e.g. --set finetune.epochs=1 (repeatable)",
+    )
+    p.add_argument("--trials", type=int, help="tuning trials per (method, ratio); overrides study")
+    p.add_argument("--no-tune", action="store_true", help="skip tuning: final runs use defaults")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module that registers extra methods (repeatable)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (done / to do) and exit")
+    p.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="skip compressing a random-weight model once per (method, target) to "
+        "validate targets before any training",
+    )
+    return p
+
+
+# ---------------------------------------------------------------------------------- validation
+def validate_study(
+    study: Study,
+    *,
+    data_root: Path | None,
+    download: bool,
+    tracking_uri: str,
+    preflight: bool = True,
+    say=print,
+) -> None:
+    """Raise a one-line usage error for anything that would fail later; writes nothing."""
+    from bench import models
+    from bench.data import check_available, dataset_info
+    from methods.base import CalibData, MethodConfigError, Target, create_method, no_finetune
+
+    where = f"study {study.name}"
+    try:
+        info = dataset_info(study.dataset)
+    except Exception as err:
+        raise StudyError(f"{where}: dataset: {err}") from None
+    try:
+        dense = models.create_model(
+            study.model, num_classes=info.num_classes, in_chans=info.in_chans, width=study.width
+        )
+    except models.ModelError as err:
+        raise StudyError(f"{where}: model: {err}") from None
+    for name in study.method_args:
+        if name not in study.methods:
+            raise StudyError(f"{where}: method_args.{name}: {name!r} is not in methods")
+    built = {}
+    for i, name in enumerate(study.methods):
+        try:
+            built[name] = create_method(name, **study.method_args.get(name, {}))
+        except MethodConfigError as err:
+            raise StudyError(f"{where}: methods[{i}]: {err}") from None
+    if not download or study.dataset not in ("cifar10", "cifar100"):
+        check_available(study.dataset, data_root)
+    _check_store(tracking_uri)
+    if not preflight:
+        return
+    t0 = time.perf_counter()
+    shape = (info.in_chans, info.height, info.width)
+    calib = CalibData.synthetic(shape, info.num_classes, n_batches=2, batch_size=8)
+    for name, method in built.items():
+        for ratio in study.ratios:
+            torch.manual_seed(0)
+            try:
+                method.compress(copy.deepcopy(dense), Target.parse(ratio), calib, no_finetune())
+            except MethodConfigError as err:
+                raise StudyError(f"{where}: {name} at ratio {ratio}: {err}") from None
+    say(
+        f"preflight: {len(built)} methods x {len(study.ratios)} targets compress "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+
+
+def _check_store(uri: str) -> None:
+    from bench.tracking import TrackingError
+
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+        if parent is None or not parent.is_dir() or not _writable(parent):
+            raise TrackingError(f"tracking store {uri}: {parent} is not a writable folder")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
+        except OSError as err:
+            raise TrackingError(
+                f"tracking server {uri} is not reachable ({err}); start it or pass --tracking-uri"
+            ) from None
+    elif "://" not in uri:
+        raise TrackingError(
+            f"tracking URI {uri!r} needs a scheme: sqlite:///ABS/PATH or http://HOST"
+        )
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+# ------------------------------------------------------------------------------------ the plan
+def _hyperparameter_sets(sweep, tuner, method: str, ratio, parent) -> list[tuple[dict, str]]:
+    if tuner is None:
+        return [(sweep.method_defaults(method), "default")]
+    return tuner.tune(method, ratio, parent)
+
+
+def print_plan(sweep, tuner) -> None:
+    study = sweep.study
+    rows = []
+    for seed in study.seeds:
+        done = sweep.tracker.finished(sweep.baseline_key(seed)) is not None
+        cached = sweep.checkpoint_path(seed).exists()
+        rows.append(
+            (
+                "baseline",
+                "-",
+                "-",
+                seed,
+                "done" if done and cached else ("cached" if cached else "to train"),
+            )
+        )
+    for method in study.methods:
+        for ratio in study.ratios:
+            if tuner is not None:
+                status = tuner.status(method, ratio)
+                rows.append(("tune", method, ratio, "-", status))
+                rows.append(
+                    ("final", method, ratio, ",".join(map(str, study.seeds)), "after tuning")
+                )
+                continue
+            hps = sweep.method_defaults(method)
+            for seed in study.seeds:
+                from methods.base import Target
+
+                key = sweep.compressed_key("final", method, Target.parse(ratio).label, seed, hps)
+                done = sweep.tracker.finished(key) is not None
+                rows.append(("final", method, ratio, seed, "done" if done else "to do"))
+    from tabulate import tabulate
+
+    print(tabulate(rows, headers=["stage", "method", "ratio", "seed", "status"]))
+    todo = sum(1 for r in rows if r[-1] not in ("done",))
+    print(f"\n{todo} of {len(rows)} steps to do; nothing was run (--dry-run)")
+
+
+def summary_table(results) -> str:
+    """Mean over seeds per (method, ratio): the sweep's closing table."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        m = r.metrics
+        rows.append(
+            {
+                "method": r.method,
+                "ratio": r.ratio,
+                "seed": r.seed,
+                "top1 before ft": m.get("test_top1_pre_ft"),
+                "top1 after ft": m.get("test_top1"),
+                "params x": m.get("params_ratio"),
+                "MACs x": m.get("macs_ratio"),
+                "speedup x": m.get("speedup"),
+            }
+        )
+    if not rows:
+        return "(no final runs)"
+    df = pd.DataFrame(rows)
+    agg = df.groupby(["method", "ratio"], sort=False).agg(
+        seeds=("seed", "count"), **{c: (c, "mean") for c in df.columns[3:]}
+    )
+    return agg.reset_index().to_markdown(index=False, floatfmt=".2f")
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import_plugins(args.plugin)
+    overrides = list(args.overrides)
+    if args.trials is not None:
+        if args.trials < 0:
+            raise UsageError("--trials must be >= 0")
+        overrides.append(f"tuning.trials={args.trials}")
+    study = load_study(args.study, tuple(overrides))
+    if args.no_tune:
+        study = dataclasses.replace(study, tuning=dataclasses.replace(study.tuning, trials=0))
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    storage = args.storage or default_storage()
+    validate_study(
+        study,
+        data_root=args.data_root,
+        download=args.download,
+        tracking_uri=tracking_uri,
+        preflight=not args.no_preflight,
+    )
+
+    from bench.runner import Sweep, resolve_device
+    from bench.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, study.name)
+    sweep = Sweep(
+        study,
+        tracker,
+        data_root=args.data_root,
+        download=args.download,
+        device=resolve_device(args.device),
+    )
+    tuner = None
+    if study.tuning.trials > 0:
+        from bench.tuning import Tuner
+
+        tuner = Tuner(sweep, storage)
+    if args.dry_run:
+        print_plan(sweep, tuner)
+        return 0
+    stale = tracker.mark_stale()
+    if stale:
+        print(f"marked {stale} runs of a dead process KILLED; resuming")
+    t0 = time.perf_counter()
+    for seed in study.seeds:
+        sweep.baseline(seed)
+    results, failures = [], []
+    from methods.base import Target
+
+    for method in study.methods:
+        for ratio in study.ratios:
+            label = Target.parse(ratio).label
+            try:
+                results += run_method_ratio(sweep, tuner, method, ratio)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as err:  # recorded as FAILED in MLflow; the sweep goes on
+                failures.append(f"{method} @ {label}: {type(err).__name__}: {err}")
+                print(
+                    f"FAILED {method} @ {label}: {' '.join(str(err).split())[:200]}",
+                    file=sys.stderr,
+                )
+    skipped = sum(r.skipped for r in results)
+    print(
+        f"\nstudy {study.name}: {len(results)} final runs ({skipped} already done, "
+        f"{len(results) - skipped} run now) in {time.perf_counter() - t0:.0f} s"
+    )
+    if skipped == len(results) and results:
+        print("nothing to train: every run of this study is already finished")
+    print(summary_table(results))
+    print(
+        f"\nbrowse the runs:  python -m bench.ui --study {study.name}"
+        + (f" --tracking-uri {tracking_uri}" if args.tracking_uri else "")
+    )
+    print(f"paper tables:     python -m reports --study {study.name}")
+    if failures:
+        print(
+            f"{len(failures)} (method, ratio) pairs failed (see their 'error' tag):",
+            file=sys.stderr,
+        )
+        for line in failures:
+            print(f"  {line[:300]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_method_ratio(sweep, tuner, method: str, ratio) -> list:
+    """The parent run of one (method, ratio): tuning (if any), then one final run per seed."""
+    from methods.base import Target, get_method_class
+
+    study = sweep.study
+    label = Target.parse(ratio).label
+    cls = get_method_class(method)
+    parent_key = sweep.compressed_key(
+        "parent",
+        method,
+        label,
+        -1,
+        {},
+        {"tuning": dataclasses.asdict(study.tuning), "seeds": list(study.seeds)},
+    )
+    tags = {
+        **sweep.base_tags("parent", study.seeds[0]),
+        "run_key": parent_key,
+        "method": method,
+        "family": cls.family,
+        "structured": str(cls.structured).lower(),
+        "ratio": label,
+    }
+    done = sweep.tracker.finished(parent_key)
+    if done is not None:  # everything below it finished: rebuild the results from MLflow
+        keys = [k for k in done.data.tags.get("final_keys", "").split(",") if k]
+        runs = [sweep.tracker.finished(k) for k in keys]
+        if keys and all(runs):
+            return [
+                _result(method, label, int(r.data.tags.get("seed", 0)), r, skipped=True)
+                for r in runs
+            ]
+    results = []
+    with sweep.tracker.run(f"{method}-{label}", tags) as parent:
+        sets = _hyperparameter_sets(sweep, tuner, method, ratio, parent)
+        for index, (hps, source) in enumerate(sets):
+            for seed in study.seeds:
+                extra = {"params_source": source}
+                if len(sets) > 1:
+                    extra["pareto_index"] = index
+                results.append(
+                    sweep.compressed_run(
+                        stage="final",
+                        method=method,
+                        ratio=ratio,
+                        seed=seed,
+                        hps=hps,
+                        parent=parent,
+                        extra_tags=extra,
+                    )
+                )
+        if tuner is None:
+            parent.log_params({f"best.{k}": v for k, v in sets[0][0].items()})
+        parent.set_tags({"final_keys": ",".join(r.run_key for r in results)})
+    return results
+
+
+def _result(method, label, seed, run, skipped):
+    from bench.runner import RunResult
+
+    return RunResult(
+        method,
+        label,
+        seed,
+        "final",
+        dict(run.data.metrics),
+        run.data.tags.get("run_key", ""),
+        skipped=skipped,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main, "bench.sweep")())

@@ -1,0 +1,244 @@
+"""Optuna tuning of each (method, ratio) on the validation split, resumable across kills.
+
+One Optuna study per (sweep study, model, dataset, method, ratio) in the sweep's storage. Each trial
+asks the method's own ``search_space`` (``study.ask(fixed_distributions)``: methods never see a
+trial), compresses the baseline, fine-tunes for ``tuning.epochs`` and reports validation top-1 per
+epoch, so the MedianPruner stops hopeless trials. The objective is validation accuracy subject to
+the achieved params ratio meeting the target (``trial.set_constraint``); ``mode: pareto`` maximises
+accuracy and minimises MACs with NSGA-II instead. The test split is never used here.
+
+The budget counts COMPLETE trials, so a rerun finishes it exactly and never grows it. Trials left
+RUNNING by a dead process on this host are marked FAIL at the next start (their MLflow runs KILLED
+by ``bench.tracking``); workers on other machines are covered by the storage heartbeat.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from bench.training import NonFiniteLoss
+from methods.base import MethodConfigError, Target, get_method_class
+
+__all__ = ["Tuner"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+_CONSTRAINT = "params_ratio_shortfall"
+
+
+class _Pruned(optuna.TrialPruned):
+    """Raised from the epoch callback; the trial's MLflow run ends FINISHED, tagged PRUNED."""
+
+    run_status = "FINISHED"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Tuner:
+    """Runs the tuning stage of a :class:`bench.runner.Sweep`."""
+
+    def __init__(self, sweep, storage_url: str) -> None:
+        self.sweep = sweep
+        self.cfg = sweep.study.tuning
+        self.storage_url = storage_url
+        self._storage = None
+
+    @property
+    def storage(self):
+        if self._storage is None:
+            if self.storage_url.startswith("sqlite:///"):
+                path = self.storage_url.removeprefix("sqlite:///")
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            kwargs = {}
+            if not self.storage_url.startswith("sqlite"):
+                # several machines: a dead worker's trials go stale after the grace period
+                kwargs = {"heartbeat_interval": 60, "grace_period": 180}
+            self._storage = optuna.storages.RDBStorage(self.storage_url, **kwargs)
+        return self._storage
+
+    def study_name(self, method: str, ratio) -> str:
+        s = self.sweep.study
+        return f"{s.name}/{s.model}/{s.dataset}/{method}/{Target.parse(ratio).label}"
+
+    def _study(self, method: str, ratio) -> optuna.Study:
+        seed = self.cfg.seed
+        if self.cfg.mode == "pareto":
+            sampler = optuna.samplers.NSGAIISampler(seed=seed)
+            return optuna.create_study(
+                storage=self.storage,
+                study_name=self.study_name(method, ratio),
+                directions=["maximize", "minimize"],
+                sampler=sampler,
+                load_if_exists=True,
+            )
+        if self.cfg.sampler == "random":
+            sampler = optuna.samplers.RandomSampler(seed=seed)
+        else:
+            sampler = optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=min(10, max(2, self.cfg.trials // 2))
+            )
+        pruner = (
+            optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+            if self.cfg.pruner == "median"
+            else optuna.pruners.NopPruner()
+        )
+        return optuna.create_study(
+            storage=self.storage,
+            study_name=self.study_name(method, ratio),
+            direction="maximize",
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+
+    # --------------------------------------------------------------------------------- status
+    def status(self, method: str, ratio) -> str:
+        """ "C/N complete" for the dry-run plan, without creating anything."""
+        try:
+            summaries = optuna.get_all_study_summaries(self.storage_url)
+        except Exception:
+            summaries = []
+        name = self.study_name(method, ratio)
+        study = next((s for s in summaries if s.study_name == name), None)
+        if study is None:
+            return f"0/{self.cfg.trials} trials complete"
+        loaded = optuna.load_study(study_name=name, storage=self.storage_url)
+        done = len(loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return f"{min(done, self.cfg.trials)}/{self.cfg.trials} trials complete"
+
+    def _fail_stale(self, study: optuna.Study) -> int:
+        host, n = socket.gethostname(), 0
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = trial.user_attrs.get("worker", "")
+            whost, _, pid = worker.rpartition(":")
+            if whost == host and pid.isdigit() and not _alive(int(pid)):
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                n += 1
+        return n
+
+    # ---------------------------------------------------------------------------------- tuning
+    def tune(self, method: str, ratio, parent) -> list[tuple[dict[str, Any], str]]:
+        """Run the missing trials, then return the hyperparameter sets for the final runs."""
+        sweep, cfg = self.sweep, self.cfg
+        study = self._study(method, ratio)
+        stale = self._fail_stale(study)
+        if stale:
+            sweep.say(f"tune {method} @ {ratio}: {stale} stale trials marked FAIL")
+        space = dict(get_method_class(method).search_space)
+        defaults = sweep.method_defaults(method)
+        fixed = set(sweep.study.method_args.get(method, {}))
+        space = {k: v for k, v in space.items() if k not in fixed}
+        target = Target.parse(ratio)
+        parent.set_tags({"optuna_study": study.study_name, "optuna_storage": self.storage_url})
+
+        def complete() -> int:
+            return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+        # every trial ends COMPLETE, PRUNED or FAIL; only COMPLETE ones count towards the budget,
+        # with a cap on attempts so a method that always fails cannot loop forever
+        attempts = 0
+        while complete() < cfg.trials and attempts < 3 * cfg.trials:
+            attempts += 1
+            self._one_trial(study, method, ratio, target, space, defaults, parent)
+        done = complete()
+        parent.log_metrics({"trials_used": done})
+        sweep.say(f"tune {method} @ {target.label}: {done}/{cfg.trials} complete trials")
+        return self._best(study, defaults, parent)
+
+    def _one_trial(self, study, method, ratio, target, space, defaults, parent) -> None:
+        sweep, cfg = self.sweep, self.cfg
+        trial = study.ask(fixed_distributions=space)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        hps = {**defaults, **trial.params}
+        seed = sweep.study.seeds[0]
+        key = sweep.compressed_key(
+            "tune",
+            method,
+            target.label,
+            seed,
+            hps,
+            {"trial": trial.number, "optuna_study": study.study_name},
+        )
+        pareto = cfg.mode == "pareto"
+
+        def on_epoch(result):
+            if pareto:  # Optuna has no pruning for multi-objective studies
+                return
+            trial.report(result.val_top1, result.epoch - 1)
+            if trial.should_prune():
+                raise _Pruned(f"pruned at epoch {result.epoch}: val {result.val_top1:.2f}%")
+
+        tags = {"trial_number": trial.number, "optuna_study": study.study_name}
+        try:
+            res = sweep.compressed_run(
+                stage="tune",
+                method=method,
+                ratio=ratio,
+                seed=seed,
+                hps=hps,
+                parent=parent,
+                run_key=key,
+                extra_tags=tags,
+                on_epoch=on_epoch,
+                epochs=cfg.epochs,
+            )
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            self._tag_state(key, "PRUNED")
+            return
+        except (NonFiniteLoss, MethodConfigError, RuntimeError, ValueError) as err:
+            trial.set_user_attr("error", " ".join(str(err).split())[:300])
+            study.tell(trial, state=TrialState.FAIL)
+            self._tag_state(key, "FAIL")
+            sweep.say(f"trial {trial.number} of {method} failed: {str(err)[:160]}")
+            return
+        m = res.metrics
+        achieved = m.get("params_ratio", 0.0)
+        shortfall = target.ratio * (1 - target.tolerance) - achieved if target.ratio else 0.0
+        trial.set_constraint(_CONSTRAINT, shortfall)
+        values = [m["val_top1"], m["macs"]] if pareto else m["val_top1"]
+        study.tell(trial, values)
+        self._tag_state(key, "COMPLETE")
+
+    def _tag_state(self, key: str, state: str) -> None:
+        runs = self.sweep.tracker.runs(f"tags.run_key = '{key}'")
+        for run in runs:
+            self.sweep.tracker.client.set_tag(run.info.run_id, "trial_state", state)
+
+    def _best(self, study, defaults, parent) -> list[tuple[dict[str, Any], str]]:
+        feasible = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if all(v <= 0 for v in t.constraints.values())
+        ]
+        if not feasible:
+            parent.set_tags({"tuning_note": "no feasible complete trial: finals use defaults"})
+            return [(defaults, "default")]
+        if self.cfg.mode == "pareto":
+            front = [t for t in feasible if not any(_dominates(o, t) for o in feasible)]
+            front.sort(key=lambda t: t.number)
+            parent.set_tags({"pareto_trials": ",".join(str(t.number) for t in front)})
+            return [({**defaults, **t.params}, "tuned") for t in front]
+        best = max(feasible, key=lambda t: (t.value, -t.number))
+        parent.log_params({f"best.{k}": v for k, v in {**defaults, **best.params}.items()})
+        parent.set_tags({"best_trial": best.number})
+        return [({**defaults, **best.params}, "tuned")]
+
+
+def _dominates(a, b) -> bool:
+    """a dominates b: accuracy >= and MACs <=, one strictly."""
+    (acc_a, mac_a), (acc_b, mac_b) = a.values, b.values
+    return acc_a >= acc_b and mac_a <= mac_b and (acc_a > acc_b or mac_a < mac_b)
