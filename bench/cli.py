@@ -87,6 +87,8 @@ def main_guard(main: Callable[[list[str] | None], int | None], prog: str) -> Cal
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return int(main(argv) or 0)
+        except SystemExit as err:  # argparse: --help (0) and usage errors (2)
+            return err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
         except USAGE_ERRORS() as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 2

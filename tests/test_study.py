@@ -1,0 +1,86 @@
+"""Study files: frozen dataclasses, one-line errors naming the file and the key, typed overrides."""
+
+import dataclasses
+
+import pytest
+
+from bench.study import StudyError, config_hash, list_studies, load_study
+
+
+def write(tmp_path, text, name="demo"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+model: vgg16_bn_cifar
+dataset: fashion-mnist
+methods: [l1_filter, magnitude]
+ratios: [2, 4, "[0.5]*12"]
+finetune: {epochs: 2, lr: 0.01}
+"""
+
+
+def test_shipped_studies_load():
+    names = list_studies()
+    for required in ("smoke", "quickstart", "vgg16-cifar", "resnet56-cifar"):
+        assert required in names
+    for name in names:
+        study = load_study(name)
+        assert study.name == name
+        assert study.methods and study.ratios and study.seeds
+
+
+def test_load_and_freeze(tmp_path):
+    study = load_study(str(write(tmp_path, GOOD)))
+    assert study.name == "demo"
+    assert study.ratios == (2.0, 4.0, "[0.5]*12")
+    assert study.finetune.epochs == 2.0 and isinstance(study.finetune.epochs, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        study.model = "x"
+
+
+def test_override_is_type_checked(tmp_path):
+    path = str(write(tmp_path, GOOD))
+    study = load_study(path, ("finetune.epochs=1", "seeds=[0, 1]", "methods=[random]"))
+    assert study.finetune.epochs == 1.0 and study.seeds == (0, 1) and study.methods == ("random",)
+    with pytest.raises(StudyError, match=r"finetune\.epochs must be float"):
+        load_study(path, ("finetune.epochs=many",))
+    with pytest.raises(StudyError, match="did you mean 'finetune'"):
+        load_study(path, ("finetun.epochs=1",))
+    with pytest.raises(StudyError, match="KEY=VALUE"):
+        load_study(path, ("finetune.epochs",))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD + "colour: red\n", "unknown key 'colour'"),
+        (GOOD.replace("finetune: {epochs: 2", "finetune: {epoch: 2"), "did you mean 'epochs'"),
+        (GOOD.replace("ratios: [2, 4", "ratios: [1, 4"), r"ratios\[0\] = 1.0 must be a number > 1"),
+        (GOOD.replace("[2, 4", "[-3, 4"), "must be a number > 1"),
+        (GOOD.replace("methods: [l1_filter, magnitude]", "methods: []"), "methods is empty"),
+        (GOOD.replace('"[0.5]*12"', '"[1.5]*12"'), "outside"),
+        (GOOD.replace("model: vgg16_bn_cifar\n", ""), "missing required key"),
+        ("model: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_studies_one_line_with_file(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(StudyError, match=expected) as err:
+        load_study(str(path))
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(path) in message or "--set" in message
+
+
+def test_unknown_study_did_you_mean():
+    with pytest.raises(StudyError, match="did you mean 'quickstart'"):
+        load_study("quickstrat")
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = {"b": 1, "a": [1, 2]}
+    assert config_hash(a) == config_hash({"a": [1, 2], "b": 1})
+    assert config_hash(a) != config_hash({"a": [1, 2], "b": 2})

@@ -1,0 +1,133 @@
+"""The sweep end to end on the `smoke` study: runs, MLflow records, resume, bad inputs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bench.cli import main_guard
+from bench.paths import default_tracking_uri
+from bench.sweep import main as sweep_main
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ("--set", "latency.min_run_time=0.01", "--no-preflight")
+needs_fmnist = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed (bash .ci/setup installs it)",
+)
+
+
+def sweep(*args):
+    return main_guard(sweep_main, "bench.sweep")(["--study", "smoke", *args])
+
+
+def runs(study="smoke", stage=None):
+    client = MlflowClient(default_tracking_uri())
+    exp = client.get_experiment_by_name(study)
+    flt = f"tags.stage = '{stage}'" if stage else ""
+    return client, client.search_runs([exp.experiment_id], filter_string=flt)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    """One smoke sweep for the whole module (the expensive part)."""
+    root = tmp_path_factory.mktemp("smoke") / "results"
+    old = os.environ.get("FREQBENCH_RESULTS")
+    os.environ["FREQBENCH_RESULTS"] = str(root)
+    try:
+        assert sweep(*FAST) == 0
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("FREQBENCH_RESULTS", None)
+        else:
+            os.environ["FREQBENCH_RESULTS"] = old
+
+
+@needs_fmnist
+def test_sweep_logs_every_run(smoke_results, monkeypatch):
+    monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
+    client, finals = runs(stage="final")
+    assert {r.data.tags["method"] for r in finals} == {"l1_filter", "magnitude"}
+    for run in finals:
+        assert run.info.status == "FINISHED"
+        tags, m = run.data.tags, run.data.metrics
+        for key in ("study", "stage", "model", "dataset", "seed", "run_key", "git_sha", "family",
+                    "ratio", "structured"):
+            assert key in tags, key
+        for key in ("test_top1", "val_top1", "test_top1_pre_ft", "params", "stored_params", "macs",
+                    "latency_ms", "params_ratio", "macs_ratio", "speedup", "baseline_test_top1"):
+            assert key in m, key
+        assert abs(m["params_ratio"] / 2 - 1) <= 0.02
+        assert 0 <= m["test_top1"] <= 100
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"study.yaml", "layers.csv", "model_state.pt"} <= arts
+        assert "hp.schedule" in run.data.params or "hp.allocation" in run.data.params
+    by_method = {r.data.tags["method"]: r.data.metrics for r in finals}
+    # structured pruning really removes MACs; unstructured masks do not
+    assert by_method["l1_filter"]["macs_ratio"] > 1.5
+    assert by_method["magnitude"]["macs_ratio"] == pytest.approx(1.0)
+    _, baselines = runs(stage="baseline")
+    assert len(baselines) == 1 and "test_top1" in baselines[0].data.metrics
+    assert list((smoke_results / "checkpoints").glob("*.pt"))
+
+
+@needs_fmnist
+def test_rerun_trains_nothing(smoke_results, monkeypatch, capsys):
+    monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
+    _, before = runs()
+    assert sweep(*FAST) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" in out
+    _, after = runs()
+    assert len(after) == len(before)
+    assert sweep("--dry-run", *FAST) == 0
+    plan = capsys.readouterr().out
+    assert "0 of 3 steps to do" in plan and "to train" not in plan
+
+
+@needs_fmnist
+def test_changed_recipe_reuses_baseline_and_redoes_finals(smoke_results, monkeypatch, capsys):
+    monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
+    _, before = runs(stage="final")
+    assert sweep("--set", "finetune.lr=0.02", "--set", "methods=[l1_filter]", *FAST) == 0
+    out = capsys.readouterr().out
+    assert "training vgg16_bn_cifar" not in out  # the cached baseline is reused
+    _, after = runs(stage="final")
+    assert len(after) == len(before) + 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "methods=[l1_filtr]"], "did you mean 'l1_filter'"),
+        (["--set", "ratios=[0.5]"], "must be a number > 1"),
+        (["--set", "model=vgg17_bn_cifar"], "did you mean"),
+        (["--set", "dataset=cifar11"], "did you mean 'cifar10'"),
+        (["--set", "finetune.epochs=lots"], "finetune.epochs must be float"),
+        (["--set", "methods=[]"], "methods is empty"),
+        (["--set", "ratios=['[0.5]*3']", "--set", "methods=[l1_filter]"], "layer rates"),
+        (["--set", "dataset=cifar10"], "--download"),
+        (["--bogus"], "unrecognized arguments"),
+        (["--plugin", "no_such_module_xyz"], "cannot import"),
+    ],
+)
+def test_bad_input_exit_2_one_line_nothing_written(results, capsys, args, message):
+    assert sweep(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
+    assert not results.exists(), "a rejected sweep must write nothing"
+
+
+def test_cli_subprocess_exit_code(results):
+    env = {**os.environ, "FREQBENCH_RESULTS": str(results)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.sweep", "--study", "smoke", "--set", "ratios=[1]"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "ratios[0]" in proc.stderr
