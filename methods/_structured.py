@@ -1,0 +1,401 @@
+"""Structured (filter) pruning plumbing shared by ``l1_filter``, ``random`` and ``dct_pruning``.
+
+Three things kept apart, as in Torch-Pruning: the *structure* (which conv filters can go, and what
+else must shrink with them: BN, the next conv's input channels, a linear layer's inputs), the
+*criterion* (a per-filter importance score, supplied by each method) and the *policy* (how many
+filters each layer keeps: explicit per-layer rates, or a params-ratio target solved by bisection
+with a ``uniform`` or ``global`` allocation).
+
+The structure comes from torch-pruning's ``DependencyGraph``; nothing here tracks dependencies
+by hand. A conv is prunable when it has ``groups == 1`` and its out-channel pruning group holds no
+other conv's or linear's *output* channels (it does not feed a residual sum), and it is not the
+network's last conv in forward order (DCTPruning and HRank keep that one: VGG-16's
+``[0.5]*7+[0.95]*5`` has 12 rates for 13 convs). VGG-16-BN: 12 prunable convs; CIFAR ResNet-56:
+the first conv of each of its 27 basic blocks.
+
+Custom layers that torch-pruning cannot trace correctly (the option-A shortcut of the CIFAR ResNets
+zero-pads channels) bring their own pruner: any module class with a ``tp_pruner()`` static method is
+registered as a torch-pruning customised pruner. It is found by duck typing because ``methods`` does
+not import ``bench``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from methods.base import (
+    CalibData,
+    CompressionMethod,
+    Finetune,
+    MethodConfigError,
+    Target,
+    count_params,
+)
+
+__all__ = [
+    "ALLOCATIONS",
+    "StructuredPruning",
+    "build_graph",
+    "check_allocation",
+    "example_input",
+    "following_batchnorm",
+    "forward_order",
+    "kept_count",
+    "params_after",
+    "prunable_convs",
+    "prune_filters",
+    "reinit_bn_and_classifier",
+    "removal_order",
+    "solve_ratio",
+    "top_filters",
+]
+
+ALLOCATIONS = ("uniform", "global")
+
+# Guards ceil(n * (1 - p)) against float noise: 100 * (1 - 0.7) = 30.000000000000004 must keep 30.
+_CEIL_EPS = 1e-9
+
+
+# ------------------------------------------------------------------------------------ structure
+def example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """One all-zeros image batch (1 x C x H x W) on the model's device, for tracing."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    return torch.zeros(1, *input_shape, device=device)
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model``, traced on ``example``.
+
+    Module classes with a ``tp_pruner()`` hook get that customised pruner. Tracing needs autograd
+    and switches the model to eval mode; both are restored afterwards.
+    """
+    hooked = {type(m) for m in model.modules() if callable(getattr(m, "tp_pruner", None))}
+    custom = {cls: cls.tp_pruner() for cls in hooked}
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, customized_pruners=custom, verbose=False
+            )
+    finally:
+        model.train(was_training)
+
+
+def forward_order(
+    model: nn.Module, example: torch.Tensor, types: tuple[type[nn.Module], ...]
+) -> list[tuple[str, nn.Module]]:
+    """Modules of ``types`` in the order a forward pass first calls them (uncalled ones omitted)."""
+    names = {module: name for name, module in model.named_modules()}
+    order: list[nn.Module] = []
+
+    def record(module: nn.Module, *_: object) -> None:
+        if module not in order:
+            order.append(module)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, types)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return [(names[m], m) for m in order]
+
+
+def _feeds_residual(graph: tp.DependencyGraph, conv: nn.Conv2d) -> bool:
+    """True when pruning ``conv``'s filters would also remove another conv's or linear's outputs."""
+    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
+    for dep, _ in group:
+        target = dep.target.module
+        if (
+            target is not conv
+            and isinstance(target, tp.ops.TORCH_CONV | tp.ops.TORCH_LINEAR)
+            and graph.is_out_channel_pruning_fn(dep.handler)
+        ):
+            return True
+    return False
+
+
+def prunable_convs(
+    model: nn.Module, example: torch.Tensor, *, graph: tp.DependencyGraph | None = None
+) -> list[tuple[str, nn.Conv2d]]:
+    """The convs whose filters can be removed, in forward order (see the module docstring).
+
+    Args:
+        model: the dense model.
+        example: an input batch used to trace the forward pass.
+        graph: a dependency graph of ``model`` already built on ``example`` (built when None).
+    """
+    graph = graph if graph is not None else build_graph(model, example)
+    convs = forward_order(model, example, (nn.Conv2d,))
+    # The network's last conv is kept whole, as in the released DCTPruning/HRank code.
+    return [
+        (name, conv)
+        for name, conv in convs[:-1]
+        if conv.groups == 1 and conv in graph.module2node and not _feeds_residual(graph, conv)
+    ]
+
+
+def following_batchnorm(graph: tp.DependencyGraph, conv: nn.Conv2d) -> nn.Module | None:
+    """The BatchNorm that directly and only consumes ``conv``'s output, or None."""
+    outputs = graph.module2node[conv].outputs
+    if len(outputs) == 1 and isinstance(outputs[0].module, nn.modules.batchnorm._BatchNorm):
+        return outputs[0].module
+    return None
+
+
+# --------------------------------------------------------------------------------------- policy
+def check_allocation(allocation: str) -> None:
+    """Raise a one-line ``MethodConfigError`` unless ``allocation`` is a known policy."""
+    if allocation not in ALLOCATIONS:
+        raise MethodConfigError(
+            f"allocation {allocation!r} is unknown: use one of {', '.join(ALLOCATIONS)}"
+        )
+
+
+def kept_count(n: int, rate: float) -> int:
+    """Filters kept at pruning rate ``rate``: ``ceil(n * (1 - rate))``, at least 1."""
+    return max(1, math.ceil(n * (1.0 - rate) - _CEIL_EPS))
+
+
+def top_filters(scores: Sequence[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
+    """Indices (ascending) of the ``counts[l]`` highest-scoring filters of each layer.
+
+    Ties go to the lower index (stable sort), so equal scores give a deterministic choice.
+    """
+    keep = []
+    for s, k in zip(scores, counts):
+        order = torch.argsort(s.detach().cpu().double(), descending=True, stable=True)
+        keep.append(order[:k].sort().values)
+    return keep
+
+
+def removal_order(scores: Sequence[torch.Tensor], allocation: str) -> list[int]:
+    """The layer index of each successive single-filter removal (each layer keeps at least one).
+
+    Within a layer, filters go in ascending score. Across layers:
+
+    - ``uniform``: the j-th filter of an n-filter layer goes at rate j / n, so the first m removals
+      interpolate between uniform rates one filter at a time;
+    - ``global``: ascending score normalised by the layer's mean score (one global threshold;
+      scores are non-negative, as L1 norms, energies and uniform draws are).
+    """
+    check_allocation(allocation)
+    keys: list[tuple[float, int]] = []
+    for layer, s in enumerate(scores):
+        n = len(s)
+        if allocation == "uniform":
+            keys += [(j / n, layer) for j in range(1, n)]
+        else:
+            s = s.detach().cpu().double()
+            normalised = s / s.mean() if s.mean() > 0 else s
+            # the layer's best filter is never removed; the rest leave lowest score first
+            keys += [(float(v), layer) for v in normalised.sort().values[:-1]]
+    return [layer for _, layer in sorted(keys)]
+
+
+# ------------------------------------------------------------------------------------- removing
+def prune_filters(
+    model: nn.Module,
+    example: torch.Tensor,
+    names: Sequence[str],
+    keep: Sequence[torch.Tensor | Sequence[int]],
+    *,
+    graph: tp.DependencyGraph | None = None,
+) -> nn.Module:
+    """Physically remove every filter of ``names[l]`` not in ``keep[l]``, in place.
+
+    torch-pruning shrinks the coupled layers (BN, the next conv's input channels, a linear's inputs)
+    and keeps their weights for the kept channels. Returns ``model``.
+    """
+    graph = graph if graph is not None else build_graph(model, example)
+    for name, kept in zip(names, keep):
+        conv = model.get_submodule(name)
+        kept_set = {int(i) for i in kept}
+        drop = [i for i in range(conv.out_channels) if i not in kept_set]
+        if drop:
+            graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=drop).prune()
+    return model
+
+
+def params_after(
+    model: nn.Module, example: torch.Tensor, names: Sequence[str], counts: Sequence[int]
+) -> int:
+    """``count_params`` of ``model`` with ``counts[l]`` filters left in layer ``names[l]``.
+
+    Works on a deep copy: which filters go does not change the count, only how many.
+    """
+    clone = copy.deepcopy(model)
+    prune_filters(clone, example, names, [range(k) for k in counts])
+    return count_params(clone)
+
+
+def solve_ratio(
+    model: nn.Module,
+    example: torch.Tensor,
+    names: Sequence[str],
+    scores: Sequence[torch.Tensor],
+    target: Target,
+    *,
+    allocation: str,
+    method: str,
+) -> list[int]:
+    """Filters to keep per layer so that dense / pruned params hits ``target.ratio``.
+
+    Bisection over the number m of single-filter removals taken from :func:`removal_order`: params
+    fall monotonically with m, and each step removes one filter. When the step across the target
+    is too coarse for the tolerance (small models, one wide layer), one filter is added back to or
+    taken from each layer in turn and the closest of those candidates wins.
+
+    Raises:
+        MethodConfigError: the ratio is beyond what pruning every prunable layer to one filter
+            reaches, or no candidate lands within the tolerance.
+    """
+    if target.ratio is None:
+        raise ValueError("solve_ratio needs a ratio target")
+    goal = target.ratio
+    dense = count_params(model)
+    sizes = [len(s) for s in scores]
+    order = removal_order(scores, allocation)
+    cache: dict[tuple[int, ...], float] = {}
+
+    def counts_at(m: int) -> tuple[int, ...]:
+        counts = list(sizes)
+        for layer in order[:m]:
+            counts[layer] -= 1
+        return tuple(counts)
+
+    def ratio_of(counts: tuple[int, ...]) -> float:
+        if counts not in cache:
+            cache[counts] = dense / params_after(model, example, names, counts)
+        return cache[counts]
+
+    def error(counts: tuple[int, ...]) -> float:
+        return abs(ratio_of(counts) / goal - 1.0)
+
+    most = ratio_of(counts_at(len(order)))
+    if most < goal and abs(most / goal - 1.0) > target.tolerance:
+        raise MethodConfigError(
+            f"ratio {goal:g} is out of reach for {method} on this model: structured "
+            f"pruning of its prunable layers reaches at most {most:.1f}x"
+        )
+    lo, hi = 0, len(order)  # invariant: ratio(lo) < goal <= ratio(hi), or hi is the end
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ratio_of(counts_at(mid)) >= goal:
+            hi = mid
+        else:
+            lo = mid
+    below, above = counts_at(lo), counts_at(hi)
+    best = min((below, above), key=error)
+    if error(best) > target.tolerance:
+        # one filter back into `above` (shrinks the ratio a little) or out of `below` (grows it)
+        nudged = [
+            tuple(k + (i == layer) for i, k in enumerate(above))
+            for layer in range(len(sizes))
+            if above[layer] < sizes[layer]
+        ] + [
+            tuple(k - (i == layer) for i, k in enumerate(below))
+            for layer in range(len(sizes))
+            if below[layer] > 1
+        ]
+        best = min([best, *nudged], key=error)
+    if error(best) > target.tolerance:
+        near = ", ".join(f"{ratio_of(c):.3g}x" for c in (below, above))
+        raise MethodConfigError(
+            f"ratio {goal:g} cannot be met within {target.tolerance:.0%} by {method} on "
+            f"this model: removing one filter more or less gives {near}"
+        )
+    return list(best)
+
+
+def reinit_bn_and_classifier(model: nn.Module) -> None:
+    """Reset every BatchNorm (affine and running stats) and every Linear layer to its init.
+
+    The released DCTPruning/HRank code builds the pruned model afresh and copies only the kept conv
+    weights; this reproduces that quirk on the pruned model. Uses the global torch RNG.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.Linear):
+            module.reset_parameters()
+
+
+# --------------------------------------------------------------------------------------- method
+class StructuredPruning(CompressionMethod):
+    """Base of the filter-pruning methods: subclasses give a criterion, this class does the rest.
+
+    Subclasses implement :meth:`filter_scores` and set ``self.allocation`` (and optionally
+    ``self.reinit_bn``) in ``__init__``. ``compress`` then finds the prunable convs, scores them,
+    picks the filters (per-layer rates when the target has them, else the ratio solved by
+    bisection under ``allocation``; explicit rates ignore ``allocation``), removes the rest with
+    torch-pruning, and remembers a per-layer table.
+    """
+
+    structured = True
+    allocation: str = "uniform"
+    reinit_bn: bool = False
+
+    def filter_scores(
+        self,
+        model: nn.Module,
+        layers: Sequence[tuple[str, nn.Conv2d]],
+        data: CalibData,
+        graph: tp.DependencyGraph,
+    ) -> list[torch.Tensor]:
+        """Per layer, one non-negative score per filter (a 1-D tensor; higher = keep)."""
+        raise NotImplementedError
+
+    def compress(
+        self, model: nn.Module, target: Target, data: CalibData, finetune: Finetune
+    ) -> nn.Module:
+        example = example_input(model, data.input_shape)
+        graph = build_graph(model, example)
+        layers = prunable_convs(model, example, graph=graph)
+        if not layers:
+            raise MethodConfigError(
+                f"{self.name} found no prunable conv in this model (groups=1, not feeding a "
+                "residual sum, not the last conv)"
+            )
+        target.check_layer_count(len(layers), "prunable convs")
+        names = [name for name, _ in layers]
+        sizes = [conv.out_channels for _, conv in layers]
+        scores = [s.detach().double().cpu() for s in self.filter_scores(model, layers, data, graph)]
+        for name, n, s in zip(names, sizes, scores):
+            if s.shape != (n,):
+                raise RuntimeError(
+                    f"{self.name}: {name} has {n} filters but {tuple(s.shape)} scores"
+                )
+        if target.layer_rates is not None:
+            counts = [kept_count(n, p) for n, p in zip(sizes, target.layer_rates)]
+        else:
+            counts = solve_ratio(
+                model,
+                example,
+                names,
+                scores,
+                target,
+                allocation=self.allocation,
+                method=self.name,
+            )
+        prune_filters(model, example, names, top_filters(scores, counts), graph=graph)
+        if self.reinit_bn:
+            reinit_bn_and_classifier(model)
+        self._layer_rows = [
+            {"layer": name, "filters_before": n, "filters_after": k, "pruned_fraction": 1 - k / n}
+            for name, n, k in zip(names, sizes, counts)
+        ]
+        return model
+
+    def layer_table(self, model: nn.Module) -> list[dict[str, object]]:
+        """One row per prunable conv of the last ``compress``: filters before and after."""
+        return [dict(row) for row in getattr(self, "_layer_rows", [])]

@@ -1,0 +1,125 @@
+"""Optuna tuning: constraint, NaN trials, Pareto mode, and resume after SIGKILL mid-trial."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from bench.cli import main_guard
+from bench.paths import default_storage, default_tracking_uri
+from bench.sweep import main as sweep_main
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = str(Path(__file__).parent / "plugins")
+pytestmark = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(),
+                                reason="Debian's dataset-fashion-mnist is not installed")
+TUNE = ("--study", "smoke", "--plugin", "probe_method", "--set", "methods=[probe]",
+        "--set", "tuning.sampler=random", "--set", "tuning.epochs=0.25",
+        "--set", "finetune.epochs=0.25", "--set", "latency.min_run_time=0.01", "--no-preflight")
+
+
+@pytest.fixture
+def probe_path(monkeypatch):
+    monkeypatch.syspath_prepend(PLUGINS)
+
+
+def sweep(*args):
+    return main_guard(sweep_main, "bench.sweep")([*TUNE, *args])
+
+
+def optuna_trials():
+    name = "smoke/vgg16_bn_cifar/fashion-mnist/probe/2"
+    return optuna.load_study(study_name=name, storage=default_storage()).get_trials()
+
+
+def mlflow_runs(stage):
+    client = MlflowClient(default_tracking_uri())
+    exp = client.get_experiment_by_name("smoke")
+    return client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'")
+
+
+def test_constraint_and_nan_trials(results, probe_path):
+    assert sweep("--set", "tuning.trials=4", "--set", "tuning.seed=3") == 0
+    trials = optuna_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4  # the budget counts COMPLETE trials exactly
+    exploded = [t for t in trials if t.params.get("explode")]
+    assert exploded and all(t.state == TrialState.FAIL for t in exploded)
+    assert all("non-finite" in t.user_attrs["error"] or "nan" in t.user_attrs["error"].lower()
+               for t in exploded)
+    sloppy = [t for t in complete if t.params["sloppy"]]
+    assert all(t.constraints["params_ratio_shortfall"] > 0 for t in sloppy)
+    # the finals use a feasible trial: sloppy=False, and they meet the ratio
+    (final,) = mlflow_runs("final")
+    assert final.data.params["hp.sloppy"] == "False"
+    assert abs(final.data.metrics["params_ratio"] / 2 - 1) <= 0.02
+    assert final.data.tags["params_source"] in ("tuned", "default")
+    failed = [r for r in mlflow_runs("tune") if r.info.status == "FAILED"]
+    assert len(failed) == len(exploded)
+    assert all(len(r.data.tags["error"].splitlines()) == 1 for r in failed)
+    (parent,) = mlflow_runs("parent")
+    assert parent.data.metrics["trials_used"] == 4
+    assert parent.data.tags["optuna_study"].endswith("/probe/2")
+    # tune runs never see the test split
+    assert all("test_top1" not in r.data.metrics for r in mlflow_runs("tune"))
+
+
+def test_pareto_mode(results, probe_path):
+    assert sweep("--set", "tuning.trials=3", "--set", "tuning.mode=pareto") == 0
+    (parent,) = mlflow_runs("parent")
+    front = parent.data.tags["pareto_trials"].split(",")
+    assert len(front) >= 1
+    assert len(mlflow_runs("final")) == len(front)
+    study = optuna.load_study(study_name="smoke/vgg16_bn_cifar/fashion-mnist/probe/2",
+                              storage=default_storage())
+    assert len(study.directions) == 2
+
+
+def test_dry_run_shows_trial_budget(results, probe_path, capsys):
+    assert sweep("--set", "tuning.trials=5", "--dry-run") == 0
+    assert "0/5 trials complete" in capsys.readouterr().out
+
+
+def test_resume_after_sigkill_mid_trial(results):
+    env = {**os.environ, "PYTHONPATH": PLUGINS, "FREQBENCH_RESULTS": str(results)}
+    cmd = [sys.executable, "-m", "bench.sweep", *TUNE, "--set", "tuning.trials=3",
+           "--set", "tuning.sampler=tpe", "--set", "method_args={probe: {delay: 1.5}}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    killed_mid_trial = False
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            try:
+                trials = optuna_trials()
+            except Exception:  # the study does not exist yet
+                continue
+            states = [t.state for t in trials]
+            if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_mid_trial = True
+                break
+    finally:
+        proc.wait(timeout=30)
+    assert killed_mid_trial, "the sweep finished before it could be killed mid-trial"
+    before = {t.number: t.value for t in optuna_trials() if t.state == TrialState.COMPLETE}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = optuna_trials()
+    complete = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
+    assert len(complete) == 3, "the budget is met exactly"
+    assert all(complete[n] == v for n, v in before.items()), "finished trials are kept"
+    assert sum(t.state == TrialState.FAIL for t in trials) >= 1  # the killed one
+    tune_runs = mlflow_runs("tune")
+    finished = [r for r in tune_runs if r.info.status == "FINISHED"]
+    numbers = [r.data.tags["trial_number"] for r in finished]
+    assert len(numbers) == len(set(numbers)) == 3, "no finished trial is repeated"
+    assert any(r.info.status == "KILLED" for r in tune_runs)
