@@ -55,11 +55,32 @@ def test_sweep_logs_every_run(smoke_results, monkeypatch):
     for run in finals:
         assert run.info.status == "FINISHED"
         tags, m = run.data.tags, run.data.metrics
-        for key in ("study", "stage", "model", "dataset", "seed", "run_key", "git_sha", "family",
-                    "ratio", "structured"):
+        for key in (
+            "study",
+            "stage",
+            "model",
+            "dataset",
+            "seed",
+            "run_key",
+            "git_sha",
+            "family",
+            "ratio",
+            "structured",
+        ):
             assert key in tags, key
-        for key in ("test_top1", "val_top1", "test_top1_pre_ft", "params", "stored_params", "macs",
-                    "latency_ms", "params_ratio", "macs_ratio", "speedup", "baseline_test_top1"):
+        for key in (
+            "test_top1",
+            "val_top1",
+            "test_top1_pre_ft",
+            "params",
+            "stored_params",
+            "macs",
+            "latency_ms",
+            "params_ratio",
+            "macs_ratio",
+            "speedup",
+            "baseline_test_top1",
+        ):
             assert key in m, key
         assert abs(m["params_ratio"] / 2 - 1) <= 0.02
         assert 0 <= m["test_top1"] <= 100
@@ -127,7 +148,11 @@ def test_cli_subprocess_exit_code(results):
     env = {**os.environ, "FREQBENCH_RESULTS": str(results)}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.sweep", "--study", "smoke", "--set", "ratios=[1]"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "ratios[0]" in proc.stderr

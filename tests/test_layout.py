@@ -1,0 +1,77 @@
+"""DESIGN.md's rules of who may import whom, checked in fresh interpreters and in the source."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; "
+                          "print(json.dumps(sorted(sys.modules)))"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    return {m.split(".")[0] for m in json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def test_methods_know_nothing_of_tracking_or_the_cli():
+    loaded = modules_after("import methods")
+    assert "mlflow" not in loaded
+    assert "bench" not in loaded  # methods never import the harness
+
+
+def test_reports_never_import_torch():
+    assert "torch" not in modules_after("import reports, reports.__main__")
+
+
+def imports_of(folder: str) -> dict[str, set[str]]:
+    found = {}
+    for path in sorted((ROOT / folder).glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[path.name] = names
+    return found
+
+
+@pytest.mark.parametrize("forbidden", ["mlflow", "yaml", "bench", "argparse", "reports"])
+def test_method_sources_stay_in_their_room(forbidden):
+    offenders = [name for name, mods in imports_of("methods").items() if forbidden in mods]
+    assert not offenders, f"methods/{offenders} import {forbidden}"
+
+
+def test_bench_never_branches_on_a_method_name():
+    import methods
+
+    names = set(methods.list_methods())
+    offenders = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                text = " ".join(ast.unparse(s) for s in sides if not isinstance(s, ast.Constant))
+                if "method" not in text and "name" not in text:
+                    continue  # e.g. tuning.sampler == "random" is not a method name
+                for side in sides:
+                    if isinstance(side, ast.Constant) and side.value in names:
+                        offenders.append(f"{path.name}:{node.lineno} compares with {side.value!r}")
+    assert not offenders, offenders
+
+
+def test_one_name_everywhere():
+    """Registry key == file name (random_pruning.py is the one exception: random.py would shadow
+    the standard library's random for scripts run from methods/)."""
+    import methods
+    from methods.base import get_method_class
+
+    for name in methods.list_methods():
+        module = get_method_class(name).__module__.split(".")[-1]
+        assert module == name or (name, module) == ("random", "random_pruning")
+        assert (ROOT / "sweeps" / "quickstart.yaml").read_text().count(name) >= 1

@@ -1,0 +1,75 @@
+"""bench.profile: footprints in seconds, the literature's figures, JSON output, bad input."""
+
+import json
+
+import pytest
+
+from bench.cli import main_guard
+from bench.profile import main as profile_main
+
+profile = main_guard(profile_main, "bench.profile")
+
+
+def run_json(capsys, *args):
+    assert profile(["--json", "--no-latency", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    ("model", "params", "macs"),
+    [  # HRank / DCTPruning tables: params, FLOPs (= MACs) at 32x32, 10 classes
+        ("vgg16_bn_cifar", 14.98e6, 313.73e6),
+        ("resnet20_cifar", 0.27e6, 40.81e6),
+        ("resnet56_cifar", 0.85e6, 125.49e6),
+        ("resnet110_cifar", 1.72e6, 252.89e6),
+    ],
+)
+def test_literature_figures(capsys, model, params, macs):
+    out = run_json(capsys, "--model", model, "--dataset", "cifar10")
+    assert out["dense"]["params"] == pytest.approx(params, rel=0.01)
+    assert out["dense"]["macs"] == pytest.approx(macs, rel=0.01)
+
+
+def test_paper_dct_pruning_configuration(capsys):
+    out = run_json(capsys, "--model", "vgg16_bn_cifar", "--dataset", "cifar10",
+                   "--method", "dct_pruning", "--layer-rates", "[0.5]*7+[0.95]*5")
+    # DCTPruning reports params -94.2 %, FLOPs -84.1 % for exactly this configuration
+    assert out["params_reduction"] == pytest.approx(0.942, abs=0.002)
+    assert out["macs_reduction"] == pytest.approx(0.841, abs=0.002)
+    kept = [row["filters_after"] for row in out["compressed"]["layers"] if "filters_after" in row]
+    assert kept[:12] == [32, 32, 64, 64, 128, 128, 128, 26, 26, 26, 26, 26]
+
+
+def test_ratio_and_latency_table(capsys):
+    args = ["--model", "vgg16_bn_cifar", "--width", "0.25", "--dataset", "fashion-mnist",
+            "--method", "l1_filter", "--ratio", "2", "--batch-size", "4"]
+    assert profile(args) == 0
+    text = capsys.readouterr().out
+    assert "FLOPs (MACs)" in text and "latency (ms)" in text and "measured speedup" in text
+    out = run_json(capsys, *args)
+    assert out["params_ratio"] == pytest.approx(2, rel=0.02)
+    assert out["compressed"]["params"] < out["dense"]["params"]
+    assert out["input_shape"] == [1, 28, 28]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "dct_pruning",
+          "--layer-rates", "[0.5]*3"], "give exactly 12"),
+        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "dct_pruning",
+          "--layer-rates", "[1.5]*12"], "outside [0, 1)"),
+        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "l1_filtr",
+          "--ratio", "2"], "did you mean 'l1_filter'"),
+        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "l1_filter"],
+         "needs a target"),
+        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "dct_pruning",
+          "--ratio", "2", "--set", "band=mid"], "band"),
+        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--ratio", "2"], "need --method"),
+        (["--model", "nope_net", "--dataset", "cifar10"], "unknown model"),
+    ],
+)
+def test_bad_input(capsys, args, message):
+    assert profile(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
