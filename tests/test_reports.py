@@ -1,0 +1,373 @@
+"""The report generator on a fake MLflow store (see ``_report_fixtures``): files, numbers, marks,
+errors, path safety, no torch, determinism, and the page rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import _report_fixtures as fake  # tests/ is on sys.path (pytest's rootdir-less import mode)
+import pandas as pd
+import pytest
+
+from reports import ReportError, build_report
+from reports.__main__ import main
+from reports._common import TIMES, safe_name
+from reports.aggregate import summarize
+from reports.load import StudyRuns, load_study
+from reports.plots import pareto_front
+from reports.reference import DEFAULT_REFERENCE, load_references
+from reports.tables import display_table
+from reports.tuning import tuning_views
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+)
+GROUP = Path(fake.MODEL) / fake.DATASET
+
+# Runs the CLI as a user would, then says whether torch was imported on the way.
+_CLI = """
+import runpy, sys
+sys.argv = ["reports", "--study", sys.argv[1], "--out", sys.argv[2]]
+try:
+    runpy.run_module("reports", run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+print("TORCH_IMPORTED", "torch" in sys.modules)
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(tracking URI, Optuna storage URL) of the fake store, written once for the module."""
+    return fake.write_fake_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def cli_report(store, tmp_path_factory):
+    """The report of the fake study written by ``python -m reports`` in a fresh interpreter."""
+    out = tmp_path_factory.mktemp("cli") / "report"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store[0],
+        "FREQBENCH_RESULTS": str(out.parent / "results"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLI, fake.STUDY, str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return out, proc
+
+
+@pytest.fixture
+def quiet_env(monkeypatch, results):
+    """What ``main`` would set for itself, set here so that the test process gets it back."""
+    for name, value in [
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+    ]:
+        monkeypatch.setenv(name, value)
+    return results
+
+
+def _md_row(md: str, method: str, ratio: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 2 and cells[1] == method and cells[0] == ratio:
+            return cells
+    raise AssertionError(f"no row {method} {ratio} in\n{md}")
+
+
+# ------------------------------------------------------------------------------------ units
+def test_pareto_front_keeps_exactly_the_non_dominated_points():
+    xs = [1.0, 2.0, 3.0, 2.0, 0.5, 3.0]
+    ys = [5.0, 4.0, 1.0, 3.0, 4.0, 1.0]  # (2,3) is dominated by (2,4); (0.5,4) by (1,5)
+    assert pareto_front(xs, ys) == [0, 1, 2]
+    assert pareto_front([], []) == []
+
+
+def test_safe_name_never_leaves_the_folder_and_keeps_names_apart():
+    assert safe_name("dct_pruning") == "dct_pruning" and safe_name("2") == "2"
+    for evil in ["../../evil", "..", "a/b", "/etc/passwd", "rates:0.5,0.5", ".hidden", ""]:
+        name = safe_name(evil)
+        assert name and "/" not in name and ".." not in name and not name.startswith(".")
+        assert set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+    assert safe_name("a/b") != safe_name("a_b")
+    assert len(safe_name("rates:" + ",".join(["0.5"] * 60))) < 100
+
+
+def test_reference_file_is_valid_and_fills_reductions(tmp_path):
+    refs = load_references(DEFAULT_REFERENCE)
+    assert {(r.method, r.model, r.dataset) for r in refs} == {
+        ("dct_pruning", "vgg16_bn_cifar", "cifar10"),
+        ("dct_pruning", "resnet50", "imagenet"),
+        ("lrsd", "vgg16", "imagenet"),
+        ("lrsd", "alexnet", "imagenet"),
+    }
+    lrsd = next(r for r in refs if r.model == "vgg16")
+    assert lrsd.metrics["params_reduction"] == pytest.approx(100 * (1 - 9.2 / 138))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {paper: p, method: m, model: x, dataset: d, source: s, metrics: {acc: 1}}\n")
+    with pytest.raises(ReportError, match="unknown metric"):
+        load_references(bad)
+
+
+def _study_of(runs: list[dict]) -> StudyRuns:
+    """A StudyRuns built by hand (no MLflow): each run gives stage, status, tags and metrics."""
+    records = []
+    for i, run in enumerate(runs):
+        tags = {"model": "resnet50", "dataset": "imagenet", "seed": "0", "family": "frequency"}
+        tags.update(structured="true", stage=run["stage"], **run.get("tags", {}))
+        record = {"run_id": f"r{i:02d}", "status": run.get("status", "FINISHED"), "start_time": i}
+        record.update({f"tags.{k}": v for k, v in tags.items()})
+        record.update({f"metrics.{k}": v for k, v in run.get("metrics", {}).items()})
+        records.append(record)
+    return StudyRuns("hand", "memory", pd.DataFrame.from_records(records), None)
+
+
+def test_summary_counts_a_rerun_seed_once_and_shows_top5_when_logged():
+    final = {"baseline_test_top1": 76.0, "stored_params": 5e6, "params_ratio": 5.0, "macs": 1e9}
+    final |= {"macs_ratio": 4.0, "speedup": 2.0, "test_top5": 90.0}
+    dct = {"method": "dct_pruning"}
+    study = _study_of(
+        [
+            {"stage": "baseline", "metrics": {"test_top1": 76.0, "test_top5": 93.0}},
+            {
+                "stage": "final",
+                "tags": {**dct, "ratio": "2"},
+                "metrics": {**final, "test_top1": 70.0},
+            },
+            {
+                "stage": "final",
+                "tags": {**dct, "ratio": "2"},
+                "metrics": {**final, "test_top1": 72.0},
+            },
+            {
+                "stage": "final",
+                "tags": {**dct, "ratio": "rates:0.5,0.9"},
+                "metrics": {**final, "test_top1": 60.0},
+            },
+            {
+                "stage": "final",
+                "tags": {**dct, "ratio": "16"},
+                "metrics": {**final, "test_top1": 50.0},
+            },
+            {"stage": "parent", "tags": {"method": "svd", "ratio": "4"}},
+            {"stage": "final", "tags": {"method": "svd", "ratio": "4"}, "status": "RUNNING"},
+        ]
+    )
+    summary = summarize(study, load_references(DEFAULT_REFERENCE))
+    table = display_table(summary, "resnet50", "imagenet")
+    rows = {
+        (row[0].text, row[1].text): dict(zip(table.columns, (c.text for c in row)))
+        for row in table.rows
+    }
+    two = rows[(f"2{TIMES}", "dct_pruning")]
+    assert two["Top-1 (%)"] == "72.00" and two["Seeds"] == "1"  # the rerun replaced seed 0's run
+    assert two["Top-5 (%)"] == "90.00" and two["Baseline top-5 (%)"] == "93.00"
+    assert two["Params red. (%)"] == "80.0" and two["FLOPs (MACs) red. (%)"] == "75.0"
+    assert rows[(f"4{TIMES}", "svd")]["Status"] == "missing: final run RUNNING"
+    reported = rows[("—", "dct_pruning")]
+    assert reported["Top-5 (%)"] == "90.77" and reported["Baseline top-5 (%)"] == "92.87"
+    ratios = [row[0].text for row, kind in zip(table.rows, table.kinds) if kind != "reported"]
+    assert ratios == ["—", f"2{TIMES}", f"4{TIMES}", f"16{TIMES}", "rates:0.5,0.9"]
+
+
+# --------------------------------------------------------------------------- the whole report
+def test_cli_writes_every_file_and_never_imports_torch(cli_report):
+    out, proc = cli_report
+    assert proc.returncode == 0, proc.stderr
+    assert "TORCH_IMPORTED False" in proc.stdout
+    for name in ["table.md", "table.tex", "table.csv"] + [
+        f"pareto_{axis}.{fmt}" for axis in ("params", "macs", "speedup") for fmt in ("png", "svg")
+    ]:
+        assert (out / GROUP / name).stat().st_size > 500, name
+    page = (out / "index.html").read_text()
+    assert fake.STUDY_YAML.splitlines()[-1] in page  # the study config, from the artifact
+    tuning = out / GROUP / "tuning"
+    assert (tuning / "dct_pruning" / "2" / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tuning / "dct_pruning" / "2" / "importance.png").stat().st_size > 2000
+    assert (tuning / "freq_lowrank" / "2" / "history.png").exists()
+    assert f"best feasible objective {fake.TUNED_BEST:.2f}" in page  # 88.0 missed its ratio
+    note = (tuning / "freq_lowrank" / "2" / "importance.txt").read_text()
+    assert ">= 2 complete trials" in note and "1 complete" in note
+    assert not (tuning / "freq_lowrank" / "2" / "importance.png").exists()
+    # Two objectives: the views show the first (accuracy) and say so.
+    assert (tuning / "magnitude" / "4" / "importance.png").exists()
+    assert "multi-objective study (val_acc, macs): the views show the first" in page
+
+
+def test_table_numbers_are_mean_and_std_over_seeds(cli_report):
+    out, _ = cli_report
+    csv = pd.read_csv(out / GROUP / "table.csv", dtype={"ratio": str, "seeds": str})
+    row = csv[(csv["method"] == "dct_pruning") & (csv["ratio"] == "2")].iloc[0]
+    # Seeds 0 and 1 score 89.0 and 90.0; baselines 91.0 and 91.4.
+    assert row["kind"] == "measured" and row["n_seeds"] == 2 and row["seeds"] == "0,1"
+    assert row["top1_mean"] == pytest.approx(89.5)
+    assert row["top1_std"] == pytest.approx(0.5**0.5, abs=1e-6)
+    assert row["delta_top1"] == pytest.approx(89.5 - 91.2)
+    assert row["params_reduction"] == pytest.approx(100 * (1 - 1 / 2.02), abs=1e-6)
+    assert row["macs_reduction"] == pytest.approx(100 * (1 - 1 / 1.6), abs=1e-6)
+    assert row["speedup_mean"] == pytest.approx(1.225) and row["trials_used"] == 4
+    assert len(csv[csv["kind"] == "measured"]) == 6
+    md = (out / GROUP / "table.md").read_text()
+    cells = _md_row(md, "dct_pruning", f"2{TIMES}")
+    assert "89.50 ± 0.71" in cells and "-1.70" in cells and "7.43M" in cells
+    assert "**50.5**" in cells  # params reduction: tied best with freq_lowrank
+    assert "FLOPs (MACs)" in md.splitlines()[2]
+    magnitude = _md_row(md, "magnitude", f"4{TIMES}")
+    assert "314.00M†" in magnitude and "0.0" in magnitude  # unstructured: dense MACs, footnoted
+    assert "† Unstructured sparsity" in md
+
+
+def test_missing_rows_say_why(cli_report):
+    md = (cli_report[0] / GROUP / "table.md").read_text()
+    assert _md_row(md, "svd", f"2{TIMES}")[-1] == "missing: no final run"
+    assert (
+        _md_row(md, "l1_filter", f"4{TIMES}")[-1]
+        == f"missing: final run FAILED: {fake.FAILED_ERROR}"
+    )
+
+
+def test_bold_marks_the_best_measured_value_at_each_ratio(cli_report):
+    out, _ = cli_report
+    md = (out / GROUP / "table.md").read_text()
+    assert "**90.10 ± 0.71**" in _md_row(md, "magnitude", f"2{TIMES}")
+    assert "89.50 ± 0.71" in _md_row(md, "dct_pruning", f"2{TIMES}")  # not bold
+    assert "**88.50 ± 0.71**" in _md_row(md, "freq_lowrank", f"4{TIMES}")
+    assert "87.50 ± 0.71" in _md_row(md, "dct_pruning", f"4{TIMES}")
+    # Structured methods compress MACs; unstructured magnitude keeps them dense.
+    assert "**37.5**" in _md_row(md, "dct_pruning", f"2{TIMES}")
+    assert "**37.5**" not in _md_row(md, "magnitude", f"2{TIMES}")
+    tex = (out / GROUP / "table.tex").read_text()
+    assert r"\textbf{90.10 $\pm$ 0.71}" in tex and r"\textbf{89.50" not in tex
+
+
+def test_reference_rows_are_marked_reported_and_never_ranked(cli_report):
+    md = (cli_report[0] / GROUP / "table.md").read_text()
+    reported = _md_row(md, "dct_pruning", "—")
+    assert reported[-1] == "reported [1]"
+    assert "92.53" in reported and "93.96" in reported and "94.2" in reported and "84.1" in reported
+    assert not any("**" in cell for cell in reported)  # 94.2 % beats every measured row: not bold
+    assert "Discrete cosine transform for filter pruning" in md
+    tex = (cli_report[0] / GROUP / "table.tex").read_text()
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert rule in tex
+    assert r"dct\_pruning" in tex and "reported [1]" in tex and "FLOPs (MACs)" in tex
+
+
+def test_regenerating_gives_byte_identical_files(store, cli_report, tmp_path):
+    first, _ = cli_report
+    again = build_report(fake.STUDY, tracking_uri=store[0], out=tmp_path / "again")
+    names = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(again.out).as_posix() for p in again.files)
+    for name in names:  # tables, CSVs, PNG, SVG and the page alike
+        assert (first / name).read_bytes() == (again.out / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    ("study", "uri", "message"),
+    [
+        ("no-such-study", None, "no study 'no-such-study'"),
+        ("emptystudy", None, "has no runs"),
+        ("nometrics", None, "lacks metric(s) speedup"),
+        ("x", "sqlite:///{tmp}/absent/mlflow.db", "does not exist"),
+        ("x", "sqlite:///{tmp}/garbage.db", "cannot read tracking store"),
+        ("x", "http://127.0.0.1:9", "cannot read tracking store"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line_and_write_nothing(
+    store, quiet_env, tmp_path, capsys, study, uri, message
+):
+    (tmp_path / "garbage.db").write_text("not a database\n")
+    out = tmp_path / "out"
+    uri = (uri or store[0]).format(tmp=tmp_path)
+    assert main(["--study", study, "--tracking-uri", uri, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_names_from_runs_never_escape_out_and_never_become_markup(store, tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    report = build_report("evilstudy", tracking_uri=store[0], out=out)
+    assert [p.name for p in tmp_path.iterdir()] == ["a"] and os.listdir(out.parent) == ["out"]
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in report.files)
+    assert all(
+        p.resolve().is_relative_to(out.resolve()) for p in tmp_path.rglob("*") if p.is_file()
+    )
+    page = (out / "index.html").read_text()
+    assert fake.SCRIPT not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_storage_override_reaches_the_tuning_views(store, tmp_path):
+    runs = load_study(fake.STUDY, store[0])
+    views = tuning_views(runs, tmp_path, storage=f"sqlite:///{tmp_path}/absent.db")
+    assert [(v.method, v.ratio) for v in views] == [
+        ("dct_pruning", "2"),
+        ("freq_lowrank", "2"),
+        ("magnitude", "4"),
+    ]
+    for view in views:  # the tags name a storage that exists; the override does not
+        assert view.files == () and view.n_complete == 0
+        assert "cannot read Optuna study" in view.notes[0] and "does not exist" in view.notes[0]
+    assert not any(tmp_path.iterdir())  # reading never creates the missing storage
+
+
+def test_no_reference_rows_without_a_reference_file(store, tmp_path):
+    summary = summarize(load_study(fake.STUDY, store[0]), load_references(None))
+    assert "reported" not in set(summary["kind"]) and len(summary) == 9
+
+
+# ------------------------------------------------------------------------------ the page
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+        self.tables = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tables += tag == "table"
+        if tag == "img":
+            self.sources.append(dict(attrs).get("src", ""))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+def test_page_renders_in_headless_chromium_with_every_image(cli_report, tmp_path):
+    out, _ = cli_report
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]  # fmt: skip
+    url = (out / "index.html").as_uri()
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=90
+    ).stdout
+    parser = _Images()
+    parser.feed(dom)
+    assert parser.tables == 1 and "dct_pruning" in dom and "reported [1]" in dom
+    # 3 Pareto plots, history + importances of dct_pruning and magnitude, freq_lowrank history.
+    assert len(parser.sources) == 8
+    for src in parser.sources:
+        head, data = src.split(",", 1)
+        assert head == "data:image/png;base64"
+        png = base64.b64decode(data)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,2000", url],
+        capture_output=True, timeout=90,
+    )  # fmt: skip
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 50_000  # a page with plots, not a blank one
