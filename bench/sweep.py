@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.runner import Sweep, resolve_device
     from bench.tracking import Tracker
 
-    tracker = Tracker(tracking_uri, study.name)
+    tracker = Tracker(tracking_uri, study.name, create=not args.dry_run)
     sweep = Sweep(
         study,
         tracker,

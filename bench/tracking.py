@@ -137,23 +137,33 @@ class RunHandle:
 class Tracker:
     """The study's experiment in one tracking store."""
 
-    def __init__(self, uri: str, experiment: str) -> None:
+    def __init__(self, uri: str, experiment: str, *, create: bool = True) -> None:
+        """Open (and with ``create``, make) the study's experiment.
+
+        With ``create=False`` nothing is written: a missing store or experiment reads as empty
+        (``--dry-run`` uses this).
+        """
         self.uri = uri
         self.experiment_name = experiment
+        self.experiment_id: str | None = None
+        if not create and uri.startswith("sqlite:///"):
+            if not Path(uri.removeprefix("sqlite:///")).exists():
+                self.client = None
+                return
         try:
-            if uri.startswith("sqlite:///"):
+            if create and uri.startswith("sqlite:///"):
                 Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
-            if found is None:
+            if found is not None:
+                self.experiment_id = found.experiment_id
+            elif create:
                 artifacts = None
                 if uri.startswith("sqlite:///"):
                     artifacts = (results_dir() / "mlartifacts" / experiment).resolve().as_uri()
                 self.experiment_id = self.client.create_experiment(
                     experiment, artifact_location=artifacts
                 )
-            else:
-                self.experiment_id = found.experiment_id
         except Exception as err:  # mlflow raises many types for an unreachable store
             raise TrackingError(
                 f"cannot use tracking store {uri}: {_one_line(err, 200)} "
@@ -163,6 +173,8 @@ class Tracker:
     # ------------------------------------------------------------------------------- queries
     def runs(self, filter_string: str = "", statuses: tuple[str, ...] = ()) -> list:
         """All runs of the experiment matching an MLflow filter (paged through)."""
+        if self.experiment_id is None:
+            return []
         out, token = [], None
         while True:
             page = self.client.search_runs(

@@ -107,6 +107,9 @@ class Tuner:
     # --------------------------------------------------------------------------------- status
     def status(self, method: str, ratio) -> str:
         """ "C/N complete" for the dry-run plan, without creating anything."""
+        path = self.storage_url.removeprefix("sqlite:///")
+        if self.storage_url.startswith("sqlite:///") and not os.path.exists(path):
+            return f"0/{self.cfg.trials} trials complete"
         try:
             summaries = optuna.get_all_study_summaries(self.storage_url)
         except Exception:

@@ -18,11 +18,27 @@ from bench.sweep import main as sweep_main
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = str(Path(__file__).parent / "plugins")
-pytestmark = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(),
-                                reason="Debian's dataset-fashion-mnist is not installed")
-TUNE = ("--study", "smoke", "--plugin", "probe_method", "--set", "methods=[probe]",
-        "--set", "tuning.sampler=random", "--set", "tuning.epochs=0.25",
-        "--set", "finetune.epochs=0.25", "--set", "latency.min_run_time=0.01", "--no-preflight")
+pytestmark = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
+TUNE = (
+    "--study",
+    "smoke",
+    "--plugin",
+    "probe_method",
+    "--set",
+    "methods=[probe]",
+    "--set",
+    "tuning.sampler=random",
+    "--set",
+    "tuning.epochs=0.25",
+    "--set",
+    "finetune.epochs=0.25",
+    "--set",
+    "latency.min_run_time=0.01",
+    "--no-preflight",
+)
 
 
 @pytest.fixture
@@ -52,8 +68,10 @@ def test_constraint_and_nan_trials(results, probe_path):
     assert len(complete) == 4  # the budget counts COMPLETE trials exactly
     exploded = [t for t in trials if t.params.get("explode")]
     assert exploded and all(t.state == TrialState.FAIL for t in exploded)
-    assert all("non-finite" in t.user_attrs["error"] or "nan" in t.user_attrs["error"].lower()
-               for t in exploded)
+    assert all(
+        "non-finite" in t.user_attrs["error"] or "nan" in t.user_attrs["error"].lower()
+        for t in exploded
+    )
     sloppy = [t for t in complete if t.params["sloppy"]]
     assert all(t.constraints["params_ratio_shortfall"] > 0 for t in sloppy)
     # the finals use a feasible trial: sloppy=False, and they meet the ratio
@@ -77,22 +95,35 @@ def test_pareto_mode(results, probe_path):
     front = parent.data.tags["pareto_trials"].split(",")
     assert len(front) >= 1
     assert len(mlflow_runs("final")) == len(front)
-    study = optuna.load_study(study_name="smoke/vgg16_bn_cifar/fashion-mnist/probe/2",
-                              storage=default_storage())
+    study = optuna.load_study(
+        study_name="smoke/vgg16_bn_cifar/fashion-mnist/probe/2", storage=default_storage()
+    )
     assert len(study.directions) == 2
 
 
-def test_dry_run_shows_trial_budget(results, probe_path, capsys):
+def test_dry_run_shows_trial_budget_and_writes_nothing(results, probe_path, capsys):
     assert sweep("--set", "tuning.trials=5", "--dry-run") == 0
     assert "0/5 trials complete" in capsys.readouterr().out
+    assert not results.exists()
 
 
 def test_resume_after_sigkill_mid_trial(results):
     env = {**os.environ, "PYTHONPATH": PLUGINS, "FREQBENCH_RESULTS": str(results)}
-    cmd = [sys.executable, "-m", "bench.sweep", *TUNE, "--set", "tuning.trials=3",
-           "--set", "tuning.sampler=tpe", "--set", "method_args={probe: {delay: 1.5}}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.sweep",
+        *TUNE,
+        "--set",
+        "tuning.trials=3",
+        "--set",
+        "tuning.sampler=tpe",
+        "--set",
+        "method_args={probe: {delay: 1.5}}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     killed_mid_trial = False
     try:
