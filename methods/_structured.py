@@ -6,17 +6,9 @@ else must shrink with them: BN, the next conv's input channels, a linear layer's
 filters each layer keeps: explicit per-layer rates, or a params-ratio target solved by bisection
 with a ``uniform`` or ``global`` allocation).
 
-The structure comes from torch-pruning's ``DependencyGraph``; nothing here tracks dependencies
-by hand. A conv is prunable when it has ``groups == 1`` and its out-channel pruning group holds no
-other conv's or linear's *output* channels (it does not feed a residual sum), and it is not the
-network's last conv in forward order (DCTPruning and HRank keep that one: VGG-16's
-``[0.5]*7+[0.95]*5`` has 12 rates for 13 convs). VGG-16-BN: 12 prunable convs; CIFAR ResNet-56:
-the first conv of each of its 27 basic blocks.
-
-Custom layers that torch-pruning cannot trace correctly (the option-A shortcut of the CIFAR ResNets
-zero-pads channels) bring their own pruner: any module class with a ``tp_pruner()`` static method is
-registered as a torch-pruning customised pruner. It is found by duck typing because ``methods`` does
-not import ``bench``.
+The structure (which convs are prunable, the graph, the surgery) lives in
+:mod:`methods._structured_graph` and is re-exported here; this module holds the policy, the ratio
+solver and the :class:`StructuredPruning` base class.
 """
 
 from __future__ import annotations
@@ -29,6 +21,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from methods._structured_graph import (
+    build_graph,
+    copy_with_graph,
+    example_input,
+    following_batchnorm,
+    forward_order,
+    prunable_convs,
+    prune_filters,
+)
 from methods.base import (
     CalibData,
     CompressionMethod,
@@ -43,6 +44,7 @@ __all__ = [
     "StructuredPruning",
     "build_graph",
     "check_allocation",
+    "copy_with_graph",
     "example_input",
     "following_batchnorm",
     "forward_order",
@@ -60,98 +62,6 @@ ALLOCATIONS = ("uniform", "global")
 
 # Guards ceil(n * (1 - p)) against float noise: 100 * (1 - 0.7) = 30.000000000000004 must keep 30.
 _CEIL_EPS = 1e-9
-
-
-# ------------------------------------------------------------------------------------ structure
-def example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
-    """One all-zeros image batch (1 x C x H x W) on the model's device, for tracing."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    return torch.zeros(1, *input_shape, device=device)
-
-
-def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of ``model``, traced on ``example``.
-
-    Module classes with a ``tp_pruner()`` hook get that customised pruner. Tracing needs autograd
-    and switches the model to eval mode; both are restored afterwards.
-    """
-    hooked = {type(m) for m in model.modules() if callable(getattr(m, "tp_pruner", None))}
-    custom = {cls: cls.tp_pruner() for cls in hooked}
-    was_training = model.training
-    try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example, customized_pruners=custom, verbose=False
-            )
-    finally:
-        model.train(was_training)
-
-
-def forward_order(
-    model: nn.Module, example: torch.Tensor, types: tuple[type[nn.Module], ...]
-) -> list[tuple[str, nn.Module]]:
-    """Modules of ``types`` in the order a forward pass first calls them (uncalled ones omitted)."""
-    names = {module: name for name, module in model.named_modules()}
-    order: list[nn.Module] = []
-
-    def record(module: nn.Module, *_: object) -> None:
-        if module not in order:
-            order.append(module)
-
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, types)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return [(names[m], m) for m in order]
-
-
-def _feeds_residual(graph: tp.DependencyGraph, conv: nn.Conv2d) -> bool:
-    """True when pruning ``conv``'s filters would also remove another conv's or linear's outputs."""
-    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
-    for dep, _ in group:
-        target = dep.target.module
-        if (
-            target is not conv
-            and isinstance(target, tp.ops.TORCH_CONV | tp.ops.TORCH_LINEAR)
-            and graph.is_out_channel_pruning_fn(dep.handler)
-        ):
-            return True
-    return False
-
-
-def prunable_convs(
-    model: nn.Module, example: torch.Tensor, *, graph: tp.DependencyGraph | None = None
-) -> list[tuple[str, nn.Conv2d]]:
-    """The convs whose filters can be removed, in forward order (see the module docstring).
-
-    Args:
-        model: the dense model.
-        example: an input batch used to trace the forward pass.
-        graph: a dependency graph of ``model`` already built on ``example`` (built when None).
-    """
-    graph = graph if graph is not None else build_graph(model, example)
-    convs = forward_order(model, example, (nn.Conv2d,))
-    # The network's last conv is kept whole, as in the released DCTPruning/HRank code.
-    return [
-        (name, conv)
-        for name, conv in convs[:-1]
-        if conv.groups == 1 and conv in graph.module2node and not _feeds_residual(graph, conv)
-    ]
-
-
-def following_batchnorm(graph: tp.DependencyGraph, conv: nn.Conv2d) -> nn.Module | None:
-    """The BatchNorm that directly and only consumes ``conv``'s output, or None."""
-    outputs = graph.module2node[conv].outputs
-    if len(outputs) == 1 and isinstance(outputs[0].module, nn.modules.batchnorm._BatchNorm):
-        return outputs[0].module
-    return None
 
 
 # --------------------------------------------------------------------------------------- policy
@@ -204,39 +114,28 @@ def removal_order(scores: Sequence[torch.Tensor], allocation: str) -> list[int]:
     return [layer for _, layer in sorted(keys)]
 
 
-# ------------------------------------------------------------------------------------- removing
-def prune_filters(
+# --------------------------------------------------------------------------------------- solving
+def params_after(
     model: nn.Module,
     example: torch.Tensor,
     names: Sequence[str],
-    keep: Sequence[torch.Tensor | Sequence[int]],
+    counts: Sequence[int],
     *,
     graph: tp.DependencyGraph | None = None,
-) -> nn.Module:
-    """Physically remove every filter of ``names[l]`` not in ``keep[l]``, in place.
-
-    torch-pruning shrinks the coupled layers (BN, the next conv's input channels, a linear's inputs)
-    and keeps their weights for the kept channels. Returns ``model``.
-    """
-    graph = graph if graph is not None else build_graph(model, example)
-    for name, kept in zip(names, keep):
-        conv = model.get_submodule(name)
-        kept_set = {int(i) for i in kept}
-        drop = [i for i in range(conv.out_channels) if i not in kept_set]
-        if drop:
-            graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=drop).prune()
-    return model
-
-
-def params_after(
-    model: nn.Module, example: torch.Tensor, names: Sequence[str], counts: Sequence[int]
 ) -> int:
     """``count_params`` of ``model`` with ``counts[l]`` filters left in layer ``names[l]``.
 
-    Works on a deep copy: which filters go does not change the count, only how many.
+    Works on a deep copy: which filters go does not change the count, only how many. With
+    ``graph`` (built on the unpruned ``model``, left untouched) the copy is pruned through a copy
+    of it; without, the copy is traced anew, which costs far more (a forward pass with autograd and
+    torch-pruning's analysis) and gives the same result.
     """
-    clone = copy.deepcopy(model)
-    prune_filters(clone, example, names, [range(k) for k in counts])
+    if graph is None:
+        clone = copy.deepcopy(model)
+        prune_filters(clone, example, names, [range(k) for k in counts])
+    else:
+        clone, clone_graph = copy_with_graph(model, graph)
+        prune_filters(clone, example, names, [range(k) for k in counts], graph=clone_graph)
     return count_params(clone)
 
 
@@ -249,13 +148,16 @@ def solve_ratio(
     *,
     allocation: str,
     method: str,
+    graph: tp.DependencyGraph | None = None,
 ) -> list[int]:
     """Filters to keep per layer so that dense / pruned params hits ``target.ratio``.
 
     Bisection over the number m of single-filter removals taken from :func:`removal_order`: params
     fall monotonically with m, and each step removes one filter. When the step across the target
     is too coarse for the tolerance (small models, one wide layer), one filter is added back to or
-    taken from each layer in turn and the closest of those candidates wins.
+    taken from each layer in turn and the closest of those candidates wins. Each probe prunes a
+    copy of ``model`` and of ``graph`` (its dependency graph on ``example``, traced once here when
+    None; neither is modified).
 
     Raises:
         MethodConfigError: the ratio is beyond what pruning every prunable layer to one filter
@@ -264,6 +166,7 @@ def solve_ratio(
     if target.ratio is None:
         raise ValueError("solve_ratio needs a ratio target")
     goal = target.ratio
+    graph = graph if graph is not None else build_graph(model, example)
     dense = count_params(model)
     sizes = [len(s) for s in scores]
     order = removal_order(scores, allocation)
@@ -277,7 +180,7 @@ def solve_ratio(
 
     def ratio_of(counts: tuple[int, ...]) -> float:
         if counts not in cache:
-            cache[counts] = dense / params_after(model, example, names, counts)
+            cache[counts] = dense / params_after(model, example, names, counts, graph=graph)
         return cache[counts]
 
     def error(counts: tuple[int, ...]) -> float:
@@ -386,6 +289,7 @@ class StructuredPruning(CompressionMethod):
                 target,
                 allocation=self.allocation,
                 method=self.name,
+                graph=graph,
             )
         prune_filters(model, example, names, top_filters(scores, counts), graph=graph)
         if self.reinit_bn:

@@ -13,6 +13,7 @@ from torch import nn
 
 import bench.models
 import methods
+import methods._structured as structured
 from bench.footprint import count_macs
 from methods._structured import (
     build_graph,
@@ -22,6 +23,7 @@ from methods._structured import (
     prune_filters,
     reinit_bn_and_classifier,
     removal_order,
+    solve_ratio,
     top_filters,
 )
 from methods.base import (
@@ -363,24 +365,23 @@ def test_methods_are_registered_with_their_families():
     assert all(methods.get_method_class(n).structured for n in STRUCTURED)
 
 
-def _fake_params(model, example, names, counts):
+def _fake_params(model, example, names, counts, *, graph=None):
     """Parameter arithmetic standing in for real surgery: a wide layer 0, a cheap layer 1."""
     return 1000 * counts[0] + 30 * counts[1] + 100
 
 
 def test_solve_ratio_nudges_one_filter_when_the_bisection_step_is_too_coarse(monkeypatch):
-    import methods._structured as structured
-
     monkeypatch.setattr(structured, "params_after", _fake_params)
+    monkeypatch.setattr(structured, "build_graph", lambda model, example: None)
     model = nn.Linear(2399, 1)  # 2400 dense params = 1000 * 2 + 30 * 10 + 100
     scores = [torch.rand(2), torch.rand(10)]
     # the removal path jumps from (2, 6) = 2280 params to (1, 6) = 1280; 1310 needs (1, 7)
-    counts = structured.solve_ratio(
+    counts = solve_ratio(
         model, None, ["a", "b"], scores, Target(ratio=2400 / 1310), allocation="uniform", method="x"
     )
     assert counts == [1, 7]
     with pytest.raises(MethodConfigError, match="cannot be met within 2% by x") as info:
-        structured.solve_ratio(
+        solve_ratio(
             model, None, ["a", "b"], scores, Target(ratio=1.5), allocation="uniform", method="x"
         )
     assert "\n" not in str(info.value)
