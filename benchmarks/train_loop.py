@@ -24,8 +24,7 @@ from bench.training import train
 
 def bare_loop(model, images, labels, *, batch, steps, lr, channels_last) -> float:
     """Seconds for ``steps`` SGD steps written by hand; images are normalised float tensors."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                          weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
     n = len(images)
     gen = torch.Generator().manual_seed(0)
@@ -76,8 +75,9 @@ def main() -> None:
 
     def fresh():
         torch.manual_seed(0)
-        model = create_model(args.model, num_classes=info.num_classes, in_chans=info.in_chans,
-                             width=args.width)
+        model = create_model(
+            args.model, num_classes=info.num_classes, in_chans=info.in_chans, width=args.width
+        )
         return model.to(memory_format=torch.channels_last)
 
     bare, harness = [], []
@@ -85,16 +85,27 @@ def main() -> None:
     bare_loop(fresh(), images, labels, batch=args.batch, steps=5, lr=0.01, channels_last=True)
     train(fresh(), splits.train, Recipe(epochs=5 / per_epoch, lr=0.01, batch_size=args.batch))
     for _ in range(args.repeats):
-        bare.append(bare_loop(fresh(), images, labels, batch=args.batch, steps=args.steps,
-                              lr=0.01, channels_last=True))
+        bare.append(
+            bare_loop(
+                fresh(),
+                images,
+                labels,
+                batch=args.batch,
+                steps=args.steps,
+                lr=0.01,
+                channels_last=True,
+            )
+        )
         model = fresh()
         t0 = time.perf_counter()
         train(model, splits.train, recipe)
         harness.append(time.perf_counter() - t0)
     b, h = min(bare), min(harness)
     imgs = args.steps * args.batch
-    print(f"{args.model} w{args.width} on {args.dataset}, batch {args.batch}, {args.steps} steps, "
-          f"{args.threads} threads (best of {args.repeats})")
+    print(
+        f"{args.model} w{args.width} on {args.dataset}, batch {args.batch}, {args.steps} steps, "
+        f"{args.threads} threads (best of {args.repeats})"
+    )
     print(f"bare PyTorch loop : {b:7.2f} s  {imgs / b:8.0f} img/s")
     print(f"harness loop      : {h:7.2f} s  {imgs / h:8.0f} img/s")
     print(f"harness / bare throughput: {b / h:.3f}  (goal >= 0.9)")

@@ -19,28 +19,53 @@ def readme_template() -> str:
 
 def git_status() -> str:
     try:
-        return subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=30).stdout
+        return subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        ).stdout
     except OSError:
         return ""
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_readme_template_runs_the_smoke_sweep(tmp_path):
     (tmp_path / "my_pruning.py").write_text(readme_template())
     before = git_status()
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "FREQBENCH_RESULTS": str(tmp_path / "res")}
     contract = subprocess.run(
-        [sys.executable, "-c",
-         "import my_pruning; from bench.testing import run_contract; run_contract('my_pruning')"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import my_pruning; from bench.testing import run_contract; run_contract('my_pruning')",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert contract.returncode == 0, contract.stderr[-2000:]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.sweep", "--study", "smoke", "--plugin", "my_pruning",
-         "--set", "methods=[my_pruning]", "--set", "latency.min_run_time=0.01"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "bench.sweep",
+            "--study",
+            "smoke",
+            "--plugin",
+            "my_pruning",
+            "--set",
+            "methods=[my_pruning]",
+            "--set",
+            "latency.min_run_time=0.01",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"\| my_pruning \|\s+2 \|", proc.stdout), proc.stdout

@@ -31,8 +31,17 @@ def test_literature_figures(capsys, model, params, macs):
 
 
 def test_paper_dct_pruning_configuration(capsys):
-    out = run_json(capsys, "--model", "vgg16_bn_cifar", "--dataset", "cifar10",
-                   "--method", "dct_pruning", "--layer-rates", "[0.5]*7+[0.95]*5")
+    out = run_json(
+        capsys,
+        "--model",
+        "vgg16_bn_cifar",
+        "--dataset",
+        "cifar10",
+        "--method",
+        "dct_pruning",
+        "--layer-rates",
+        "[0.5]*7+[0.95]*5",
+    )
     # DCTPruning reports params -94.2 %, FLOPs -84.1 % for exactly this configuration
     assert out["params_reduction"] == pytest.approx(0.942, abs=0.002)
     assert out["macs_reduction"] == pytest.approx(0.841, abs=0.002)
@@ -41,8 +50,20 @@ def test_paper_dct_pruning_configuration(capsys):
 
 
 def test_ratio_and_latency_table(capsys):
-    args = ["--model", "vgg16_bn_cifar", "--width", "0.25", "--dataset", "fashion-mnist",
-            "--method", "l1_filter", "--ratio", "2", "--batch-size", "4"]
+    args = [
+        "--model",
+        "vgg16_bn_cifar",
+        "--width",
+        "0.25",
+        "--dataset",
+        "fashion-mnist",
+        "--method",
+        "l1_filter",
+        "--ratio",
+        "2",
+        "--batch-size",
+        "4",
+    ]
     assert profile(args) == 0
     text = capsys.readouterr().out
     assert "FLOPs (MACs)" in text and "latency (ms)" in text and "measured speedup" in text
@@ -55,16 +76,64 @@ def test_ratio_and_latency_table(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "dct_pruning",
-          "--layer-rates", "[0.5]*3"], "give exactly 12"),
-        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "dct_pruning",
-          "--layer-rates", "[1.5]*12"], "outside [0, 1)"),
-        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "l1_filtr",
-          "--ratio", "2"], "did you mean 'l1_filter'"),
-        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "l1_filter"],
-         "needs a target"),
-        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "dct_pruning",
-          "--ratio", "2", "--set", "band=mid"], "band"),
+        (
+            [
+                "--model",
+                "vgg16_bn_cifar",
+                "--dataset",
+                "cifar10",
+                "--method",
+                "dct_pruning",
+                "--layer-rates",
+                "[0.5]*3",
+            ],
+            "give exactly 12",
+        ),
+        (
+            [
+                "--model",
+                "vgg16_bn_cifar",
+                "--dataset",
+                "cifar10",
+                "--method",
+                "dct_pruning",
+                "--layer-rates",
+                "[1.5]*12",
+            ],
+            "outside [0, 1)",
+        ),
+        (
+            [
+                "--model",
+                "vgg16_bn_cifar",
+                "--dataset",
+                "cifar10",
+                "--method",
+                "l1_filtr",
+                "--ratio",
+                "2",
+            ],
+            "did you mean 'l1_filter'",
+        ),
+        (
+            ["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "l1_filter"],
+            "needs a target",
+        ),
+        (
+            [
+                "--model",
+                "vgg16_bn_cifar",
+                "--dataset",
+                "cifar10",
+                "--method",
+                "dct_pruning",
+                "--ratio",
+                "2",
+                "--set",
+                "band=mid",
+            ],
+            "band",
+        ),
         (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--ratio", "2"], "need --method"),
         (["--model", "nope_net", "--dataset", "cifar10"], "unknown model"),
     ],

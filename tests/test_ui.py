@@ -41,17 +41,25 @@ def test_serves_the_study(results):
         run.log_metrics({"test_top1": 91.5})
     port = free_port()
     env = {**os.environ, "FREQBENCH_RESULTS": str(results)}
-    proc = subprocess.Popen([sys.executable, "-m", "bench.ui", "--study", "demo", "--port",
-                             str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.ui", "--study", "demo", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         first = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}/#/experiments/{tracker.experiment_id}" in first
         deadline, body = time.time() + 120, None
         while time.time() < deadline:
             try:
-                url = (f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
-                       "?experiment_name=demo")
+                url = (
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+                    "?experiment_name=demo"
+                )
                 body = json.loads(urllib.request.urlopen(url, timeout=5).read())
                 break
             except OSError:

@@ -1,0 +1,452 @@
+"""Shared plumbing of the low-rank methods (``svd``, ``lrsd``, ``freq_lowrank``).
+
+- Which layers can be factorised (``Conv2d`` with ``groups == 1``, ``Linear``) and their m x d
+  views: a conv N x C x k x k is the matrix N x (C k^2), a linear layer is its weight.
+- The deployed form, :class:`LowRank`: a plain ``nn.Sequential`` of two ordinary layers, so
+  ``FlopCounterMode`` and latency timers see the real work. A conv at rank r becomes
+  ``Conv2d(C, r, k, stride, padding, dilation)`` then ``Conv2d(r, N, 1)`` (cost per output position
+  r (C k^2 + N) instead of N C k^2); a linear m x d becomes ``Linear(d, r)`` then ``Linear(r, m)``.
+  The original bias goes on the second layer.
+- Rank allocation for a whole-model params ratio (:func:`allocate_ranks`): the same fraction of
+  each layer's full rank (``uniform``) or one global singular-value energy threshold (``energy``),
+  solved by bisection on that fraction/threshold and then topped up one rank at a time, so that the
+  achieved ``count_params(dense) / count_params(compressed)`` lands within the target's tolerance.
+- One-line argument checks shared by the methods' ``__init__``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods.base import CompressionWarning, MethodConfigError, Target
+
+__all__ = [
+    "ALLOCATIONS",
+    "LayerInfo",
+    "LowRank",
+    "RankPlan",
+    "allocate_ranks",
+    "balance",
+    "build_lowrank",
+    "check_bool",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "factorisable_layers",
+    "forward_order",
+    "out_of_reach",
+    "set_module",
+    "solve_fraction",
+    "truncated_svd",
+    "warn_adjusted",
+    "weight_matrix",
+]
+
+ALLOCATIONS = ("uniform", "energy")
+
+
+# ------------------------------------------------------------------------------------ layers
+@dataclass(frozen=True)
+class LayerInfo:
+    """A factorisable layer: its qualified name and the m x d shape of its weight matrix.
+
+    Attributes:
+        name: qualified module name (``model.get_submodule(name)``).
+        kind: "conv" or "linear".
+        m: output channels / features.
+        d: C k^2 for a conv, input features for a linear layer.
+    """
+
+    name: str
+    kind: str
+    m: int
+    d: int
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.m, self.d)
+
+    @property
+    def dense_params(self) -> int:
+        """Weight values of the dense layer (the bias is the same dense or factorised)."""
+        return self.m * self.d
+
+    def lowrank_params(self, rank: int) -> int:
+        """Weight values of the two factors at ``rank``."""
+        return rank * (self.m + self.d)
+
+    def saves(self, rank: int) -> bool:
+        """True when factorising at ``rank`` stores fewer values than the dense weight."""
+        return self.lowrank_params(rank) < self.dense_params
+
+    @property
+    def max_saving_rank(self) -> int:
+        """The largest rank that still saves parameters (0 when none does)."""
+        return (self.dense_params - 1) // (self.m + self.d)
+
+    def cost(self, rank: int) -> int:
+        """Weight values at ``rank``: the factors when they save, else the dense weight."""
+        return self.lowrank_params(rank) if self.saves(rank) else self.dense_params
+
+
+def _is_factorisable(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.groups == 1) or isinstance(module, nn.Linear)
+
+
+def factorisable_layers(
+    model: nn.Module, *, include_linear: bool = True, spatial_only: bool = False
+) -> list[LayerInfo]:
+    """Conv2d (groups == 1) and, unless excluded, Linear layers of ``model`` in module order.
+
+    Args:
+        include_linear: also list ``nn.Linear`` layers.
+        spatial_only: list only convs whose kernel is larger than 1 x 1.
+    """
+    layers = []
+    for name, module in model.named_modules():
+        if not name or not _is_factorisable(module):
+            continue
+        if isinstance(module, nn.Linear):
+            if include_linear and not spatial_only:
+                layers.append(LayerInfo(name, "linear", module.out_features, module.in_features))
+            continue
+        kh, kw = module.kernel_size
+        if spatial_only and kh * kw == 1:
+            continue
+        layers.append(LayerInfo(name, "conv", module.out_channels, module.in_channels * kh * kw))
+    return layers
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> list[str]:
+    """``names`` in the order their modules first run in ``model(example)``; unused ones dropped."""
+    order: list[str] = []
+    handles = []
+    for name in names:
+
+        def hook(module: nn.Module, args: Any, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The m x d view of a conv or linear weight (detached)."""
+    weight = module.weight.detach()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at qualified ``name`` by ``new``."""
+    if not name:
+        raise ValueError("cannot replace the root module; give a submodule name")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# -------------------------------------------------------------------------------- deployment
+class LowRank(nn.Sequential):
+    """A factorised conv or linear layer: ``self[0]`` (r outputs, no bias), ``self[1]`` (r -> m).
+
+    A plain ``nn.Sequential`` (same forward, same state-dict keys); the subclass only lets
+    ``layer_table`` find factorised layers and read their rank.
+    """
+
+    @property
+    def rank(self) -> int:
+        first = self[0]
+        return first.out_channels if isinstance(first, nn.Conv2d) else first.out_features
+
+
+@torch.no_grad()
+def build_lowrank(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> LowRank:
+    """The deployed form of ``module`` with weight matrix ``a @ b`` (a: m x r, b: r x d).
+
+    The first layer keeps ``module``'s kernel size, stride, padding, dilation and padding mode;
+    the second is a 1 x 1 conv (or linear) carrying ``module``'s bias.
+    """
+    weight = module.weight
+    rank = a.shape[1]
+    kw = {"device": weight.device, "dtype": weight.dtype}
+    has_bias = module.bias is not None
+    if isinstance(module, nn.Conv2d):
+        first: nn.Module = nn.Conv2d(
+            module.in_channels,
+            rank,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=False,
+            padding_mode=module.padding_mode,
+            **kw,
+        )
+        second: nn.Module = nn.Conv2d(rank, module.out_channels, 1, bias=has_bias, **kw)
+        first.weight.copy_(b.reshape(rank, *weight.shape[1:]))
+        second.weight.copy_(a.reshape(module.out_channels, rank, 1, 1))
+    elif isinstance(module, nn.Linear):
+        first = nn.Linear(module.in_features, rank, bias=False, **kw)
+        second = nn.Linear(rank, module.out_features, bias=has_bias, **kw)
+        first.weight.copy_(b)
+        second.weight.copy_(a)
+    else:
+        raise TypeError(f"cannot factorise a {type(module).__name__}; only Conv2d and Linear")
+    if has_bias:
+        second.bias.copy_(module.bias.detach())
+    return LowRank(first, second)
+
+
+def balance(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank-one term so column i of ``a`` and row i of ``b`` have equal norms.
+
+    ``a @ b`` is unchanged; balanced factors train better than an orthonormal one and a large one.
+    """
+    na, nb = a.norm(dim=0), b.norm(dim=1)
+    scale = torch.where((na > 0) & (nb > 0), (nb / na.clamp_min(1e-30)).sqrt(), torch.ones_like(na))
+    return a * scale, b / scale.unsqueeze(1)
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (a: m x r, b: r x d) of ``matrix`` by exact SVD, balanced."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root.unsqueeze(1) * vh[:rank]
+
+
+# -------------------------------------------------------------------------------- allocation
+@dataclass(frozen=True)
+class RankPlan:
+    """Ranks for a list of layers.
+
+    Attributes:
+        ranks: one per layer; None where the layer stays dense.
+        params: ``count_params`` of the model once these ranks are applied.
+        clamped: names of layers whose rank was raised to 1.
+        dense: names of layers left dense because factorising would not save parameters.
+    """
+
+    ranks: tuple[int | None, ...]
+    params: int
+    clamped: tuple[str, ...] = ()
+    dense: tuple[str, ...] = ()
+
+
+def solve_fraction(params_at: Callable[[float], float], budget: float, *, steps: int = 50) -> float:
+    """The largest t in [0, 1] with ``params_at(t) <= budget`` (``params_at`` non-decreasing).
+
+    Bisection; the caller checks ``params_at(0) <= budget`` first (see :func:`out_of_reach`).
+    """
+    lo, hi = 0.0, 1.0
+    if params_at(hi) <= budget:
+        return hi
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        if params_at(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def out_of_reach(method: str, ratio: float, best_ratio: float) -> MethodConfigError:
+    """The one-line error for a ratio beyond what ``method`` can reach on a model."""
+    return MethodConfigError(
+        f"{method}: ratio {ratio:g} is out of reach on this model; the most it can reach is "
+        f"{best_ratio:.3g} (give a smaller ratio)"
+    )
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def warn_adjusted(method: str, clamped: Sequence[str], dense: Sequence[str]) -> None:
+    """Emit the CompressionWarnings for clamped ranks and layers left dense (one per kind)."""
+    if clamped:
+        warnings.warn(
+            f"{method}: rank clamped to 1 in {len(clamped)} layer(s): {_names(clamped)}",
+            CompressionWarning,
+            stacklevel=3,
+        )
+    if dense:
+        warnings.warn(
+            f"{method}: {len(dense)} layer(s) left dense because factorising would not save "
+            f"parameters: {_names(dense)}",
+            CompressionWarning,
+            stacklevel=3,
+        )
+
+
+def _energy_fractions(spectrum: torch.Tensor) -> torch.Tensor:
+    """Cumulative fraction of squared singular values, kept by ranks 1..len (last entry 1)."""
+    energy = spectrum.detach().cpu().double().square()  # CPU: bisection probes it many times
+    total = energy.sum()
+    if total <= 0:
+        return torch.ones_like(energy)
+    return (energy.cumsum(0) / total).clamp_max(1.0)
+
+
+def allocate_ranks(
+    layers: Sequence[LayerInfo],
+    total_params: int,
+    target: Target,
+    *,
+    allocation: str = "uniform",
+    spectra: Sequence[torch.Tensor] | None = None,
+    method: str = "low-rank",
+) -> RankPlan:
+    """Ranks that meet ``target`` over the whole model's ``total_params`` (BN, biases, all).
+
+    Args:
+        layers: the layers that may be factorised.
+        total_params: ``count_params`` of the dense model.
+        target: a ratio (solved to within ``target.tolerance``) or per-layer rank reduction rates
+            (rank = round((1 - rate) * full rank), one rate per layer).
+        allocation: "uniform" (the same fraction of each layer's full rank) or "energy" (each layer
+            keeps the smallest rank whose share of squared singular values reaches one global
+            threshold); "energy" needs ``spectra``.
+        spectra: singular values of each layer's matrix, descending.
+        method: name used in errors and warnings.
+
+    Raises:
+        MethodConfigError: the ratio is out of reach, or cannot be met within tolerance, or the
+            rates do not match the layer count.
+    """
+    if allocation not in ALLOCATIONS:
+        raise MethodConfigError(f"{method}: allocation {allocation!r} is not one of {ALLOCATIONS}")
+    if allocation == "energy" and (spectra is None or len(spectra) != len(layers)):
+        raise ValueError("energy allocation needs one singular-value spectrum per layer")
+    fractions = [_energy_fractions(s) for s in spectra] if allocation == "energy" else []
+
+    def raw_ranks(t: float) -> list[int]:
+        if allocation == "uniform":
+            return [round(t * layer.full_rank) for layer in layers]
+        # smallest r whose kept-energy fraction reaches t (1e-12: t = 1 must reach full rank)
+        return [int(torch.searchsorted(f, t - 1e-12)) + 1 for f in fractions]
+
+    def clamp(raw: list[int]) -> list[int]:
+        return [min(max(r, 1), layer.full_rank) for r, layer in zip(raw, layers)]
+
+    def weights_of(ranks: Sequence[int]) -> int:
+        return sum(layer.cost(r) - layer.dense_params for r, layer in zip(ranks, layers))
+
+    if target.layer_rates is not None:
+        target.check_layer_count(len(layers), "factorisable layers")
+        raw = [round((1.0 - p) * layer.full_rank) for p, layer in zip(target.layer_rates, layers)]
+        ranks = clamp(raw)
+    else:
+        budget = total_params / target.ratio
+        floor = total_params + weights_of(clamp(raw_ranks(0.0)))
+        if floor > budget:
+            raise out_of_reach(method, target.ratio, total_params / floor)
+        t = solve_fraction(lambda t: total_params + weights_of(clamp(raw_ranks(t))), budget)
+        raw = raw_ranks(t)
+        ranks = _fill(layers, clamp(raw), budget - total_params - weights_of(clamp(raw)), fractions)
+        achieved = total_params / (total_params + weights_of(ranks))
+        if abs(achieved / target.ratio - 1.0) > target.tolerance:
+            raise MethodConfigError(
+                f"{method}: cannot meet ratio {target.ratio:g} within {target.tolerance:.0%} on "
+                f"this model (closest {achieved:.3f}): its factorisable layers are too coarse"
+            )
+    plan = RankPlan(
+        ranks=tuple(r if layer.saves(r) else None for r, layer in zip(ranks, layers)),
+        params=total_params + weights_of(ranks),
+        clamped=tuple(lay.name for r, lay, q in zip(raw, layers, ranks) if r < 1 and q == 1),
+        dense=tuple(layer.name for r, layer in zip(ranks, layers) if not layer.saves(r)),
+    )
+    warn_adjusted(method, plan.clamped, plan.dense)
+    return plan
+
+
+def _fill(
+    layers: Sequence[LayerInfo], ranks: list[int], room: float, fractions: Sequence[torch.Tensor]
+) -> list[int]:
+    """Raise ranks one step at a time while the next step fits in ``room`` (weight values).
+
+    Bisection stops at a step of the params-vs-fraction staircase, where many layers may jump at
+    once; this closes the gap. Uniform raises the layer with the lowest rank fraction, energy the
+    one whose next singular value holds the most energy. A step past the last saving rank makes the
+    layer dense.
+    """
+    ranks = list(ranks)
+    while True:
+        best, best_key, best_cost = -1, math.inf, 0
+        for i, (layer, r) in enumerate(zip(layers, ranks)):
+            if not layer.saves(r):
+                continue  # already dense
+            nxt = r + 1 if layer.saves(r + 1) else layer.full_rank
+            cost = layer.cost(nxt) - layer.cost(r)
+            if cost > room:
+                continue
+            key = (
+                -float(fractions[i][r] - fractions[i][r - 1])
+                if fractions
+                else nxt / layer.full_rank
+            )
+            if key < best_key:
+                best, best_key, best_cost = i, key, cost
+        if best < 0:
+            return ranks
+        layer = layers[best]
+        ranks[best] = ranks[best] + 1 if layer.saves(ranks[best] + 1) else layer.full_rank
+        room -= best_cost
+
+
+# ------------------------------------------------------------------------------------ checks
+def check_choice(method: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise a one-line MethodConfigError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise MethodConfigError(f"{method}: {name}={value!r} is not one of {listed}")
+
+
+def check_bool(method: str, name: str, value: Any) -> None:
+    """Raise unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise MethodConfigError(f"{method}: {name}={value!r} must be True or False")
+
+
+def check_int(method: str, name: str, value: Any, low: int) -> None:
+    """Raise unless ``value`` is an int >= ``low`` (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise MethodConfigError(f"{method}: {name}={value!r} must be an integer >= {low}")
+
+
+def check_float(
+    method: str,
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    """Raise unless ``value`` is a finite-or-bounded real number in the given interval."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and (
+            value < high if open_high else value <= high
+        )
+    if not ok:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise MethodConfigError(f"{method}: {name}={value!r} must be a number in {interval}")

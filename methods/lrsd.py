@@ -1,0 +1,312 @@
+"""Low-rank plus sparse decomposition with feature-map reconstruction (LRSD).
+
+Idea: approximate each layer's weight matrix W (m x d; a conv N x C x k x k is N x C k^2) by a
+rank-r part L = U V plus a sparse part S with c nonzeros, chosen to reproduce the layer's OUTPUTS on
+real inputs rather than its weights: min 1/2 ||(W - L - S) X||_F^2, where X (d x n) holds im2col
+patches of the layer's input. That needs only Sigma = X X^T / n. Layers are compressed in forward
+order, each seeing inputs from the network compressed so far, so later layers make up for earlier
+errors. The solver is SVD-free (greedy bilateral smoothing): the rank grows by ``rank_step`` at a
+time from a few power iterations on the residual, orthonormalised by QR; U and V are exact least
+squares; S takes hard-thresholded (keep the c largest) projected gradient steps.
+
+Citation: Yu, Liu, Wang, Tao, "On Compressing Deep Models by Low Rank and Sparse Decomposition",
+CVPR 2017 (papers.md section 3); the bilateral solver follows Zhou and Tao, "GreBsmo", 2013.
+
+Stored: per compressed layer a :class:`LowRankSparse` module: the low-rank branch (a k x k conv with
+r filters, then a 1 x 1 conv r -> N; linear layers: two linear layers) plus the sparse branch (a
+conv or linear of the original shape whose weight carries a fixed 0/1 mask, ``methods._masks``),
+summed; the bias is added once. ``stored_params`` counts the sparse branch by its c kept values
+(indices not counted); its dense MACs are, honestly, unchanged. Fine-tuning keeps the shapes and S's
+pattern.
+
+Reconstructions (papers.md marks the paper's full text as out of reach): the per-layer budget is the
+params of a rank ``t * full rank`` factorisation with one fraction t for the whole model, solved by
+bisection on stored params; its split between rank and nonzeros is ``sparse_share`` (0 = pure
+low-rank with reconstruction, 1 = data-aware magnitude pruning, r = 0); patch subsampling, the
+relative ridge ``eps`` and the solver's schedule (S starts at the thresholded residual, the step
+size is 1 / lambda_max(Sigma) from power iterations) are this harness's choices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import optuna.distributions as od
+import torch
+from torch import nn
+
+from methods._lowrank import (
+    LayerInfo,
+    allocate_ranks,
+    balance,
+    build_lowrank,
+    check_float,
+    check_int,
+    factorisable_layers,
+    forward_order,
+    out_of_reach,
+    set_module,
+    solve_fraction,
+    warn_adjusted,
+    weight_matrix,
+)
+from methods._lrsd_solver import add_ridge, greedy_bilateral, input_covariance
+from methods._masks import apply_mask, masked_weight
+from methods.base import (
+    CalibData,
+    CompressionMethod,
+    Finetune,
+    MethodConfigError,
+    Target,
+    count_params,
+    register_method,
+)
+
+__all__ = ["LRSD", "LowRankSparse", "Split", "plan_splits"]
+
+
+# ------------------------------------------------------------------------------------ module
+class LowRankSparse(nn.Module):
+    """``lowrank(x) + sparse(x)``; either branch may be None. The bias lives on one branch only."""
+
+    def __init__(self, lowrank: nn.Module | None, sparse: nn.Module | None) -> None:
+        super().__init__()
+        if lowrank is None and sparse is None:
+            raise ValueError("LowRankSparse needs at least one branch")
+        self.lowrank = lowrank
+        self.sparse = sparse
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lowrank is None else self.lowrank.rank
+
+    @property
+    def nnz(self) -> int:
+        """Nonzeros allowed in the sparse branch (the mask's ones)."""
+        mask = None if self.sparse is None else masked_weight(self.sparse)
+        return 0 if mask is None else int(mask.sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparse is None:
+            return self.lowrank(x)
+        if self.lowrank is None:
+            return self.sparse(x)
+        return self.lowrank(x) + self.sparse(x)
+
+
+@torch.no_grad()
+def _sparse_like(
+    module: nn.Module, weight: torch.Tensor, mask: torch.Tensor, bias: bool
+) -> nn.Module:
+    """A layer of ``module``'s geometry with ``weight`` under a fixed ``mask`` (bias optional)."""
+    kw = {"device": module.weight.device, "dtype": module.weight.dtype}
+    if isinstance(module, nn.Conv2d):
+        new: nn.Module = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=bias,
+            padding_mode=module.padding_mode,
+            **kw,
+        )
+    else:
+        new = nn.Linear(module.in_features, module.out_features, bias=bias, **kw)
+    shape = module.weight.shape
+    new.weight.copy_(weight.reshape(shape) * mask.reshape(shape))
+    if bias:
+        new.bias.copy_(module.bias.detach())
+    apply_mask(new, mask.reshape(shape).to(new.weight))
+    return new
+
+
+# ---------------------------------------------------------------------------------- allocation
+@dataclass(frozen=True)
+class Split:
+    """One layer's share of the budget: rank r of L and nonzeros c of S."""
+
+    rank: int
+    nnz: int
+
+    def stored(self, layer: LayerInfo) -> int:
+        return layer.lowrank_params(self.rank) + self.nnz
+
+
+def _split(layer: LayerInfo, budget: int, share: float) -> tuple[Split, bool]:
+    """Divide ``budget`` weight values between rank and nonzeros; True when the rank was clamped."""
+    if share >= 1.0:
+        return Split(0, min(max(budget, 1), layer.dense_params)), False
+    raw = math.floor((1.0 - share) * budget / (layer.m + layer.d))
+    rank = min(max(raw, 1), layer.full_rank)
+    nnz = 0 if share <= 0.0 else max(budget - layer.lowrank_params(rank), 0)
+    return Split(rank, min(nnz, layer.dense_params)), raw < 1
+
+
+def plan_splits(
+    layers: list[LayerInfo], total_params: int, target: Target, share: float, method: str = "lrsd"
+) -> list[Split | None]:
+    """Per-layer (rank, nnz) meeting ``target`` in stored params; None = left dense.
+
+    Layer l's budget at fraction t is the params of a rank ``t * full_rank`` factorisation,
+    ``t * min(m, d) * (m + d)``: with ``share = 0`` this is the same allocation as ``svd``'s
+    "uniform". ``target.layer_rates`` set t per layer (t = 1 - rate).
+    """
+
+    def splits_at(fractions: list[float]) -> list[tuple[Split, bool]]:
+        return [
+            _split(layer, math.floor(t * layer.full_rank * (layer.m + layer.d)), share)
+            for t, layer in zip(fractions, layers)
+        ]
+
+    def stored(splits: list[tuple[Split, bool]]) -> int:
+        extra = sum(
+            min(sp.stored(layer), layer.dense_params) - layer.dense_params
+            for (sp, _), layer in zip(splits, layers)
+        )
+        return total_params + extra
+
+    if share <= 0.0:
+        # pure low rank: rank steps are coarse, so use the shared allocator (bisection + top-up)
+        plan = allocate_ranks(layers, total_params, target, allocation="uniform", method=method)
+        return [None if r is None else Split(r, 0) for r in plan.ranks]
+    if target.layer_rates is not None:
+        target.check_layer_count(len(layers), "factorisable layers")
+        splits = splits_at([1.0 - p for p in target.layer_rates])
+    else:
+        budget = total_params / target.ratio
+        floor = stored(splits_at([0.0] * len(layers)))
+        if floor > budget:
+            raise out_of_reach(method, target.ratio, total_params / floor)
+        t = solve_fraction(lambda t: stored(splits_at([t] * len(layers))), budget)
+        splits = splits_at([t] * len(layers))
+        achieved = total_params / stored(splits)
+        if abs(achieved / target.ratio - 1.0) > target.tolerance:
+            raise MethodConfigError(
+                f"{method}: cannot meet ratio {target.ratio:g} within {target.tolerance:.0%} on "
+                f"this model (closest {achieved:.3f}): its layers are too small"
+            )
+    out: list[Split | None] = []
+    clamped, dense = [], []
+    for (sp, was_clamped), layer in zip(splits, layers):
+        keep_dense = sp.stored(layer) >= layer.dense_params
+        out.append(None if keep_dense else sp)
+        if keep_dense:
+            dense.append(layer.name)
+        elif was_clamped:
+            clamped.append(layer.name)
+    warn_adjusted(method, clamped, dense)
+    return out
+
+
+# ---------------------------------------------------------------------------------- method
+@register_method
+class LRSD(CompressionMethod):
+    """Low-rank + sparse decomposition of every conv and linear layer, fit to its feature maps."""
+
+    name = "lrsd"
+    family = "spatial"
+    # the sparse branch is a masked dense layer: its dense params and MACs do not drop
+    structured = False
+    search_space = {
+        "sparse_share": od.FloatDistribution(0.0, 1.0),
+        "rank_step": od.IntDistribution(4, 64, log=True),
+    }
+
+    def __init__(
+        self,
+        sparse_share: float = 0.2,
+        rank_step: int = 16,
+        n_samples: int = 256,
+        power_iters: int = 2,
+        solver_iters: int = 3,
+        eps: float = 1e-4,
+    ) -> None:
+        """
+        Args:
+            sparse_share: fraction of each layer's budget spent on S's nonzeros (0 = pure low
+                rank, 1 = data-aware magnitude pruning).
+            rank_step: rank added per greedy step of the solver.
+            n_samples: training images whose layer inputs build Sigma.
+            power_iters: power iterations per block of new rank directions.
+            solver_iters: alternating (S, U, V) sweeps after each rank step.
+            eps: ridge added to Sigma, relative to its mean diagonal (keeps it positive definite).
+        """
+        check_float(self.name, "sparse_share", sparse_share, 0.0, 1.0)
+        check_int(self.name, "rank_step", rank_step, 1)
+        check_int(self.name, "n_samples", n_samples, 1)
+        check_int(self.name, "power_iters", power_iters, 1)
+        check_int(self.name, "solver_iters", solver_iters, 1)
+        check_float(self.name, "eps", eps, 0.0, 1.0)
+        self.sparse_share = sparse_share
+        self.rank_step = rank_step
+        self.n_samples = n_samples
+        self.power_iters = power_iters
+        self.solver_iters = solver_iters
+        self.eps = eps
+
+    @torch.no_grad()
+    def compress(
+        self, model: nn.Module, target: Target, data: CalibData, finetune: Finetune
+    ) -> nn.Module:
+        model.eval()
+        layers = factorisable_layers(model)
+        splits = plan_splits(layers, count_params(model), target, float(self.sparse_share))
+        device = next(model.parameters()).device
+        example = next(iter(data.batches()))[0][:2].to(device)
+        reached = forward_order(model, [layer.name for layer in layers], example)
+        by_name = {layer.name: (layer, split) for layer, split in zip(layers, splits)}
+        # layers the forward pass never reaches have no inputs to fit: Sigma = I (a weight fit)
+        unreached = [layer.name for layer in layers if layer.name not in reached]
+        for name in reached + unreached:
+            layer, split = by_name[name]
+            if split is None:
+                continue
+            module = model.get_submodule(name)
+            # Sigma is accumulated in float64; the solver runs in float32 (its k x k solves in
+            # float64): at d = 4608 that halves the time, and the relative ridge bounds the
+            # conditioning
+            w = weight_matrix(module).float()
+            if name in reached:
+                sigma = input_covariance(model, name, data, self.n_samples)
+                sigma = add_ridge(sigma, self.eps).float()
+            else:
+                sigma = torch.eye(layer.d, dtype=w.dtype, device=w.device)
+            u, v, s, mask = greedy_bilateral(
+                w,
+                sigma,
+                split.rank,
+                split.nnz,
+                rank_step=self.rank_step,
+                power_iters=self.power_iters,
+                solver_iters=self.solver_iters,
+            )
+            set_module(model, name, _deploy(module, u, v, s, mask))
+        return model
+
+    def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Rank and sparse nonzeros of every decomposed layer."""
+        return [
+            {"layer": name, "rank": module.rank, "sparse_nnz": module.nnz}
+            for name, module in model.named_modules()
+            if isinstance(module, LowRankSparse)
+        ]
+
+
+def _deploy(
+    module: nn.Module, u: torch.Tensor, v: torch.Tensor, s: torch.Tensor, mask: torch.Tensor
+) -> LowRankSparse:
+    """The LowRankSparse module for ``module`` with L = u v and S = s on ``mask``."""
+    dtype = module.weight.dtype
+    lowrank = None
+    if u.shape[1] > 0:
+        a, b = balance(u, v)
+        lowrank = build_lowrank(module, a.to(dtype), b.to(dtype))
+    sparse = None
+    if int(mask.sum()) > 0:
+        has_bias = module.bias is not None and lowrank is None
+        sparse = _sparse_like(module, s.to(dtype), mask.to(dtype), bias=has_bias)
+    return LowRankSparse(lowrank, sparse)

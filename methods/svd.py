@@ -1,0 +1,111 @@
+"""Truncated SVD of every conv and linear layer: the spatial low-rank control.
+
+Idea: reshape each conv weight N x C x k x k to the matrix W (N x C k^2), keep its best rank-r
+approximation W ~ A B from the singular value decomposition (Eckart-Young), and deploy it as a
+k x k conv with r filters followed by a 1 x 1 conv r -> N (linear layers: two linear layers). The
+ranks are allocated so the whole model meets the params ratio: the same fraction of every layer's
+full rank ("uniform") or one global singular-value energy threshold ("energy"), both solved by
+bisection.
+
+Citation: the classic baseline of Denton et al., "Exploiting Linear Structure Within Convolutional
+Networks for Efficient Evaluation", NeurIPS 2014, and Jaderberg et al., BMVC 2014; papers.md
+"Spatial baselines" (truncated SVD of the N x (C k^2) reshape, deployed as two convs), the control
+for ``freq_lowrank`` and ``lrsd``.
+
+Stored: two dense factors per factorised layer, A (N x r) as the 1 x 1 conv and B (r x C k^2) as the
+k x k conv, each scaled by the square root of the singular values; the bias stays on the 1 x 1 conv.
+Layers whose factorisation would not save parameters stay dense (with a ``CompressionWarning``).
+
+Reconstructions: none of substance; the exact recipe (one-shot SVD, no data) is the textbook one.
+The rank allocation rules are this harness's choices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna.distributions as od
+import torch
+from torch import nn
+
+from methods._lowrank import (
+    ALLOCATIONS,
+    LowRank,
+    allocate_ranks,
+    build_lowrank,
+    check_bool,
+    check_choice,
+    factorisable_layers,
+    set_module,
+    weight_matrix,
+)
+from methods.base import (
+    CalibData,
+    CompressionMethod,
+    Finetune,
+    Target,
+    count_params,
+    register_method,
+)
+
+__all__ = ["SVD"]
+
+
+@register_method
+class SVD(CompressionMethod):
+    """Truncated SVD per layer, ranks allocated over the whole model, deployed as two layers."""
+
+    name = "svd"
+    family = "spatial"
+    search_space = {"allocation": od.CategoricalDistribution(list(ALLOCATIONS))}
+
+    def __init__(self, allocation: str = "uniform", include_linear: bool = True) -> None:
+        """
+        Args:
+            allocation: "uniform" (same fraction of each layer's full rank) or "energy" (one global
+                threshold on each layer's kept share of squared singular values).
+            include_linear: factorise linear layers too (convs always).
+        """
+        check_choice(self.name, "allocation", allocation, ALLOCATIONS)
+        check_bool(self.name, "include_linear", include_linear)
+        self.allocation = allocation
+        self.include_linear = include_linear
+
+    @torch.no_grad()
+    def compress(
+        self, model: nn.Module, target: Target, data: CalibData, finetune: Finetune
+    ) -> nn.Module:
+        layers = factorisable_layers(model, include_linear=self.include_linear)
+        # float64 SVD: exact control; these matrices are at most a few thousand wide (< 1 s each)
+        decompositions = [
+            torch.linalg.svd(
+                weight_matrix(model.get_submodule(layer.name)).double(), full_matrices=False
+            )
+            for layer in layers
+        ]
+        plan = allocate_ranks(
+            layers,
+            count_params(model),
+            target,
+            allocation=self.allocation,
+            spectra=[s for _, s, _ in decompositions],
+            method=self.name,
+        )
+        for layer, rank, (u, s, vh) in zip(layers, plan.ranks, decompositions):
+            if rank is None:
+                continue
+            module = model.get_submodule(layer.name)
+            root = s[:rank].sqrt()
+            dtype = module.weight.dtype
+            a = (u[:, :rank] * root).to(dtype)
+            b = (root.unsqueeze(1) * vh[:rank]).to(dtype)
+            set_module(model, layer.name, build_lowrank(module, a, b))
+        return model
+
+    def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Rank of every factorised layer."""
+        return [
+            {"layer": name, "rank": module.rank}
+            for name, module in model.named_modules()
+            if isinstance(module, LowRank)
+        ]
