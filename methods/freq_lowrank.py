@@ -181,6 +181,8 @@ class FreqLowRank(CompressionMethod):
         "sampler": od.CategoricalDistribution(list(SAMPLERS)),
         "gamma": od.FloatDistribution(0.5, 0.95),
         "allocation": od.CategoricalDistribution(list(ALLOCATIONS)),
+        "sparsify_epochs": od.FloatDistribution(0.25, 4.0, log=True),
+        "epochs_per_round": od.FloatDistribution(0.25, 2.0, log=True),
     }
 
     def __init__(

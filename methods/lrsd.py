@@ -214,6 +214,7 @@ class LRSD(CompressionMethod):
     search_space = {
         "sparse_share": od.FloatDistribution(0.0, 1.0),
         "rank_step": od.IntDistribution(4, 64, log=True),
+        "n_samples": od.IntDistribution(64, 512, log=True),
     }
 
     def __init__(
