@@ -8,6 +8,7 @@ Exit codes: 0 done; 1 internal error (one-line summary + the file the traceback 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib
 import signal
@@ -39,10 +40,8 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
         ("bench.models", "ModelError"),
         ("bench.tracking", "TrackingError"),
     ):
-        try:
+        with contextlib.suppress(ImportError, AttributeError):
             errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
     return tuple(errors)
 
 
@@ -81,7 +80,7 @@ def _on_sigterm(signum, frame):
 
 
 def main_guard(main: Callable[[list[str] | None], int | None], prog: str) -> Callable:
-    """Wrap a ``main(argv)`` so that errors become the project's exit codes and one-line messages."""
+    """Wrap ``main(argv)``: errors become the project's exit codes and one-line messages."""
 
     def wrapped(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

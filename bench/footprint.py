@@ -1,7 +1,7 @@
 """The units, defined once: params, stored params, MACs and measured latency of a model.
 
-- params: every parameter inference needs (``methods.base.count_params``); stored params count masked
-  tensors by their nonzeros (``methods.base.stored_params``).
+- params: every parameter inference needs (``methods.base.count_params``); stored params count
+  masked tensors by their nonzeros (``methods.base.stored_params``).
 - MACs: multiply-accumulates of one forward pass of one image, from torch's own
   ``FlopCounterMode`` (it reports FLOPs = 2 x MACs). It counts what really executes, custom modules
   included; masked weights cost their dense MACs.
@@ -23,14 +23,16 @@ from torch import nn
 # machines at import time; it is noise for a latency timer that never compiles anything.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils.benchmark import Timer  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from methods.base import count_params, stored_params
+from methods.base import count_params, stored_params  # noqa: E402
 
 __all__ = [
     "Footprint",
+    "compare_latency",
     "count_macs",
     "count_params",
+    "deployable",
     "layer_table",
     "measure",
     "measure_latency",
@@ -58,6 +60,28 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         model.train(was_training)
 
 
+def deployable(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` as it would be deployed: eval mode, every parametrisation baked in.
+
+    A masked weight becomes a plain tensor with zeros (what a dense runtime executes); timing the
+    parametrisation's ``weight * mask`` on every call would charge the method for bookkeeping.
+    """
+    from methods._masks import bake_parametrizations
+
+    return bake_parametrizations(copy.deepcopy(model)).eval()
+
+
+def _timer(model, input_shape, batch_size, threads, channels_last):
+    model = deployable(model)
+    x = _example(model, input_shape, batch_size)
+    if channels_last and x.dim() == 4:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(3):  # warm-up: allocator, oneDNN primitive caches
+        model(x)
+    return Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+
+
 @torch.no_grad()
 def measure_latency(
     model: nn.Module,
@@ -68,22 +92,43 @@ def measure_latency(
     min_run_time: float = 0.5,
     channels_last: bool = True,
 ) -> float:
-    """Median forward latency in milliseconds of one batch, eval mode, after a warm-up.
+    """Median forward latency in milliseconds of one batch of the deployable model, after warm-up.
 
     ``threads`` defaults to torch's current setting; dense and compressed models must be measured
-    with the same value. ``channels_last`` (NHWC) is used for 4-D inputs: it is what a CPU
-    deployment of a conv net would run (15-60 % faster on this class of machine).
+    with the same value (:func:`compare_latency` does both, interleaved). ``channels_last`` (NHWC)
+    is used for 4-D inputs: what a CPU deployment of a conv net runs (15-60 % faster here).
     """
     threads = threads or torch.get_num_threads()
-    model = copy.deepcopy(model).eval()
-    x = _example(model, input_shape, batch_size)
-    if channels_last and x.dim() == 4:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    for _ in range(3):  # warm-up: allocator, oneDNN primitive caches
-        model(x)
-    timer = Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+    timer = _timer(model, input_shape, batch_size, threads, channels_last)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+@torch.no_grad()
+def compare_latency(
+    dense: nn.Module,
+    compressed: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    batch_size: int = 32,
+    threads: int | None = None,
+    min_run_time: float = 0.5,
+    rounds: int = 3,
+    channels_last: bool = True,
+) -> tuple[float, float]:
+    """(dense ms, compressed ms): medians over ``rounds`` interleaved measurements of each.
+
+    Interleaving puts both models under the same machine state (frequency, other load), so the
+    speedup is not an artefact of when each was timed.
+    """
+    threads = threads or torch.get_num_threads()
+    timers = [
+        _timer(m, input_shape, batch_size, threads, channels_last) for m in (dense, compressed)
+    ]
+    samples: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            samples[i] += timer.blocked_autorange(min_run_time=min_run_time / rounds).times
+    return tuple(float(torch.tensor(s).median()) * 1e3 for s in samples)
 
 
 @dataclass(frozen=True)
@@ -141,11 +186,14 @@ def measure(
 
 
 @torch.no_grad()
-def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+def layer_table(
+    model: nn.Module, input_shape: tuple[int, ...], method: Any = None
+) -> list[dict[str, Any]]:
     """One row per conv / linear leaf: name, kind, shape, params, stored params, MACs per image.
 
     MACs per layer come from ``FlopCounterMode``'s per-module breakdown, so the rows add up to
-    :func:`count_macs` for conv nets (elementwise ops are not counted by torch either).
+    :func:`count_macs` for conv nets (elementwise ops are not counted by torch either). With a
+    ``method``, the facts of its ``layer_table`` hook (rank, kept filters) join the matching rows.
     """
     was_training = model.training
     model.eval()
@@ -174,4 +222,10 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict[str
                 "macs": int(flops) // 2,
             }
         )
+    if method is not None:
+        extra = {row.get("layer"): row for row in method.layer_table(model)}
+        rows = [
+            {**row, **{k: v for k, v in extra.get(row["layer"], {}).items() if k != "layer"}}
+            for row in rows
+        ]
     return rows

@@ -1,8 +1,8 @@
 """Where results live by default. Pure Python (no torch): ``reports`` imports it too.
 
 Everything goes under one results folder, ``./results`` unless ``FREQBENCH_RESULTS`` says otherwise:
-``mlflow.db`` (tracking), ``optuna.db`` (tuning), ``checkpoints/`` (baselines), ``logs/`` (tracebacks),
-``<study>/report/`` (reports).
+``mlflow.db`` (tracking), ``optuna.db`` (tuning), ``checkpoints/`` (baselines), ``logs/``
+(tracebacks), ``<study>/report/`` (reports).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def results_dir() -> Path:
 
 
 def sqlite_uri(path: Path) -> str:
-    """``sqlite:///`` URI of an absolute path (SQLAlchemy wants three slashes + the absolute path)."""
+    """``sqlite:///`` URI of an absolute path (SQLAlchemy: three slashes + the absolute path)."""
     return f"sqlite:///{Path(path).resolve()}"
 
 

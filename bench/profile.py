@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 
@@ -91,13 +92,17 @@ def profile(args) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         compressed = method.compress(copy.deepcopy(dense), target, calib, no_finetune()).eval()
-    cfp = footprint.measure(compressed, shape, stored=method.stored_params(compressed), **kw)
-    layers = footprint.layer_table(compressed, shape)
-    extra = {r.get("layer"): r for r in method.layer_table(compressed)}
-    layers = [
-        {**r, **{k: v for k, v in extra.get(r["layer"], {}).items() if k != "layer"}}
-        for r in layers
-    ]
+    cfp = footprint.measure(
+        compressed, shape, stored=method.stored_params(compressed), **{**kw, "latency": False}
+    )
+    if not args.no_latency:  # both models timed again, interleaved, for the speedup
+        dense_ms, compressed_ms = footprint.compare_latency(
+            dense, compressed, shape, batch_size=args.batch_size, threads=args.threads
+        )
+        out["dense"]["latency_ms"] = dense_ms
+        fp = dataclasses.replace(fp, latency_ms=dense_ms)
+        cfp = dataclasses.replace(cfp, latency_ms=compressed_ms)
+    layers = footprint.layer_table(compressed, shape, method)
     out["method"] = args.method
     out["hyperparameters"] = method.hyperparameters()
     out["target"] = target.label

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from bench.paths import results_dir
 from bench.study import Recipe, Study, config_hash
 from bench.tracking import RunHandle, Tracker, git_sha
 from bench.training import evaluate, train
-from methods.base import CalibData, CompressionWarning, Target, create_method, get_method_class
+from methods.base import Target, get_method_class
 
 __all__ = ["Baseline", "RunResult", "Sweep", "resolve_device"]
 
@@ -61,42 +60,6 @@ class RunResult:
     metrics: dict[str, float]
     run_key: str
     skipped: bool = False
-
-
-class _HarnessFinetune:
-    """The ``Finetune`` a method gets: the study's fine-tuning recipe on the training split."""
-
-    def __init__(self, sweep: Sweep, handle: RunHandle | None, seed: int) -> None:
-        self.sweep, self.handle, self.seed = sweep, handle, seed
-        self.epochs = 0.0
-        self._step = 0
-
-    def __call__(self, model: nn.Module, epochs: float, *, regularizer=None) -> float:
-        gen = torch.Generator().manual_seed(self.seed * 1000 + self._step + 1)
-        history = train(
-            model,
-            self.sweep.splits.train,
-            self.sweep.finetune_recipe,
-            epochs=epochs,
-            val_split=self.sweep.splits.val,
-            regularizer=regularizer,
-            generator=gen,
-            desc="method fine-tune",
-        )
-        self.epochs += epochs
-        for result in history:
-            self._step += 1
-            self.log(
-                {"inner_val_top1": result.val_top1, "inner_train_loss": result.train_loss},
-                self._step,
-            )
-        if history:
-            return history[-1].val_top1
-        return evaluate(model, self.sweep.splits.val)["top1"]
-
-    def log(self, metrics, step: int) -> None:
-        if self.handle is not None:
-            self.handle.log_metrics(dict(metrics), step=step)
 
 
 class Sweep:
@@ -280,13 +243,16 @@ class Sweep:
             self._dense_fp["dense"] = self._measure(self.new_model(), None)
         return self._dense_fp["dense"]
 
-    def _measure(self, model: nn.Module, stored: int | None) -> footprint.Footprint:
+    def _measure(
+        self, model: nn.Module, stored: int | None, latency: bool = True
+    ) -> footprint.Footprint:
         lat = self.study.latency
         model = copy.deepcopy(model).cpu().eval()
         return footprint.measure(
             model,
             self.input_shape,
             stored=stored,
+            latency=latency,
             batch_size=lat.batch_size,
             threads=lat.threads,
             min_run_time=lat.min_run_time,
@@ -371,93 +337,11 @@ class Sweep:
         return RunResult(method, label, seed, stage, metrics, key)
 
     def _compress_finetune(self, stage, method, label, seed, hps, base, handle, on_epoch, epochs):
-        t0 = time.perf_counter()
-        final = stage == "final"
-        dense_fp = self.dense_footprint()
-        model = self.load_baseline(base)
-        torch.manual_seed(seed)
-        compressor = create_method(method, **hps)
-        gen = torch.Generator().manual_seed(seed)
-        recipe = self.finetune_recipe
-        calib = CalibData(
-            lambda: self.splits.train.batches(
-                recipe.batch_size, shuffle=True, augment=True, generator=gen
-            ),
-            self.input_shape,
-            self.info.num_classes,
-            self.device,
-        )
-        inner = _HarnessFinetune(self, handle, seed)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CompressionWarning)
-            compressed = compressor.compress(model, Target.parse(label), calib, inner)
-        notes = sorted(
-            {str(w.message) for w in caught if issubclass(w.category, CompressionWarning)}
-        )
-        if notes:
-            handle.set_tags({"warnings": " | ".join(notes)[:4900]})
-        compressed = compressed.to(self.device)
-        m: dict[str, float] = {"baseline_val_top1": base.val_top1}
-        m["val_top1_pre_ft"] = evaluate(compressed, self.splits.val)["top1"]
-        if final:
-            m["baseline_test_top1"] = base.test_top1
-            m["test_top1_pre_ft"] = evaluate(compressed, self.splits.test)["top1"]
-        handle.log_metrics(m)
+        from bench.compressed import compress_finetune_measure
 
-        def log_epoch(result):
-            handle.log_metrics(result.metrics(), step=result.epoch)
-            if on_epoch is not None:
-                on_epoch(result)
-
-        ft_epochs = recipe.epochs if epochs is None else epochs
-        train(
-            compressed,
-            self.splits.train,
-            recipe,
-            epochs=ft_epochs,
-            val_split=self.splits.val,
-            regularizer=compressor.regularize,
-            generator=torch.Generator().manual_seed(seed + 1),
-            on_epoch=log_epoch,
-            desc=f"{method} {label} s{seed}",
+        return compress_finetune_measure(
+            self, stage, method, label, seed, hps, base, handle, on_epoch, epochs
         )
-        m["val_top1"] = evaluate(compressed, self.splits.val)["top1"]
-        if final:
-            test = evaluate(compressed, self.splits.test, topk=self.topk())
-            m["test_top1"] = test["top1"]
-            if "top5" in test:
-                m["test_top5"] = test["top5"]
-        fp = self._measure(compressed, compressor.stored_params(compressed))
-        m.update(
-            {
-                "params": fp.params,
-                "stored_params": fp.stored_params,
-                "macs": fp.macs,
-                "latency_ms": fp.latency_ms,
-                "dense_params": dense_fp.params,
-                "dense_macs": dense_fp.macs,
-                "dense_latency_ms": dense_fp.latency_ms,
-                "params_ratio": dense_fp.params / fp.stored_params,
-                "macs_ratio": dense_fp.macs / fp.macs,
-                "speedup": dense_fp.latency_ms / fp.latency_ms,
-                "epochs_total": inner.epochs + ft_epochs,
-                "wall_time_s": time.perf_counter() - t0,
-            }
-        )
-        handle.log_metrics(m)
-        rows = footprint.layer_table(copy.deepcopy(compressed).cpu(), self.input_shape)
-        extra = {r.get("layer"): r for r in compressor.layer_table(compressed)}
-        handle.log_rows(
-            [
-                {**r, **{k: v for k, v in extra.get(r["layer"], {}).items() if k != "layer"}}
-                for r in rows
-            ],
-            "layers.csv",
-        )
-        handle.log_text(self.study.to_yaml(), "study.yaml")
-        if final:
-            handle.log_state_dict({k: v.detach().cpu() for k, v in compressed.state_dict().items()})
-        return m
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

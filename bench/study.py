@@ -145,7 +145,8 @@ class Study:
         model: a CIFAR model of ``bench.models`` or any timm model name.
         dataset: fashion-mnist, cifar10, cifar100, imagenet or synthetic.
         methods: registered method names.
-        ratios: params compression targets (numbers > 1) or per-layer rate specs ("[0.5]*7+[0.95]*5").
+        ratios: params compression targets (numbers > 1) or per-layer rate specs
+            ("[0.5]*7+[0.95]*5").
         seeds: seeds of the final runs (and of their baselines).
         width: channel-width multiplier of the CIFAR models (None = 1.0).
         method_args: per-method hyperparameter defaults, e.g. {freq_lowrank: {gamma: 0.7}}.

@@ -1,9 +1,9 @@
 """The contract suite every registered compression method must pass (like ``optuna.testing``).
 
-Each check is a plain function ``check_*(case)`` that raises ``AssertionError`` with a message naming
-the method; ``tests/test_contract.py`` parametrises them over ``list_methods()`` x ``CONTRACT_MODELS``,
-so a new method is tested without anyone writing a new test. Plugin authors can call
-:func:`run_contract` on their own method.
+Each check is a plain function ``check_*(case)`` that raises ``AssertionError`` with a message
+naming the method; ``tests/test_contract.py`` parametrises them over ``list_methods()`` x
+``CONTRACT_MODELS``, so a new method is tested without anyone writing a new test. Plugin authors
+can call :func:`run_contract` on their own method.
 
 What the contract asks of a method (DESIGN.md, "Methods"):
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow logs its database migrations at INFO on first use; the sweep prints its own progress
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -146,10 +148,13 @@ class Tracker:
         self.uri = uri
         self.experiment_name = experiment
         self.experiment_id: str | None = None
-        if not create and uri.startswith("sqlite:///"):
-            if not Path(uri.removeprefix("sqlite:///")).exists():
-                self.client = None
-                return
+        if (
+            not create
+            and uri.startswith("sqlite:///")
+            and not Path(uri.removeprefix("sqlite:///")).exists()
+        ):
+            self.client = None
+            return
         try:
             if create and uri.startswith("sqlite:///"):
                 Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass(frozen=True)
 class EpochResult:
-    """Metrics of one epoch. Accuracies in percent; ``val_top1`` is None without a validation split."""
+    """Metrics of one epoch. Accuracies in percent; ``val_top1`` is None without validation."""
 
     epoch: int
     train_loss: float
@@ -69,7 +69,7 @@ def _channels_last(model: nn.Module, device: torch.device) -> bool:
 def evaluate(
     model: nn.Module, split, *, batch_size: int = 512, topk: tuple[int, ...] = (1,)
 ) -> dict:
-    """Top-k accuracies (percent) and mean loss of ``model`` on a split, eval mode, no augmentation."""
+    """Top-k accuracies (percent) and mean loss on a split: eval mode, no augmentation."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -55,7 +55,7 @@ def idct2(f: torch.Tensor) -> torch.Tensor:
 def low_band_mask(
     h: int, w: int, fraction: float = 0.5, *, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """Boolean h x w mask of the top-left low-frequency block, ceil(fraction*h) x ceil(fraction*w)."""
+    """Boolean h x w mask of the top-left low-frequency block, ceil(f h) x ceil(f w)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"band fraction must lie in (0, 1], got {fraction}")
     mask = torch.zeros(h, w, dtype=torch.bool, device=device)

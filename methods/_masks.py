@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["Mask", "apply_mask", "masked_weight", "remove_masks"]
+__all__ = ["Mask", "apply_mask", "bake_parametrizations", "masked_weight", "remove_masks"]
 
 
 class Mask(nn.Module):
-    """``weight -> weight * mask``; the mask is a buffer (saved, moved with the model, not trained)."""
+    """``weight -> weight * mask``; the mask is a buffer (saved and moved, never trained)."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
@@ -25,7 +25,7 @@ class Mask(nn.Module):
 
 
 def apply_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
-    """Mask ``module.<name>`` with a fixed 0/1 ``mask`` of the same shape (replaces an older mask)."""
+    """Mask ``module.<name>`` with a fixed 0/1 ``mask`` of its shape (replaces an older one)."""
     tensor = getattr(module, name)
     if mask.shape != tensor.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != {name} shape {tuple(tensor.shape)}")
@@ -53,4 +53,21 @@ def remove_masks(model: nn.Module) -> nn.Module:
             for name in list(module.parametrizations):
                 if any(isinstance(p, Mask) for p in module.parametrizations[name]):
                     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model
+
+
+def bake_parametrizations(model: nn.Module) -> nn.Module:
+    """Replace every parametrised tensor of ``model`` by a plain parameter holding its value.
+
+    Safe on deep copies, unlike ``parametrize.remove_parametrizations``: ``copy.deepcopy`` shares
+    the generated ``Parametrized<Module>`` class between the copy and the original, and
+    ``remove_parametrizations`` deletes the tensor's property from that shared class, breaking
+    the original. Here only the instance's class is switched back. Returns ``model``.
+    """
+    for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:
+        values = {n: getattr(module, n).detach().clone() for n in module.parametrizations}
+        module.__class__ = module.__class__.__bases__[0]  # the class before parametrisation
+        del module._modules["parametrizations"]
+        for name, value in values.items():
+            module.register_parameter(name, nn.Parameter(value))
     return model

@@ -1,25 +1,27 @@
 """The contract every compression method keeps, and the registry that finds them.
 
 A method is a class with a unique ``name``, a ``family`` ("frequency" or "spatial"), explicit
-keyword-only hyperparameters in ``__init__`` (each with a default), a ``search_space`` over a subset of
-those arguments, and one required method, :meth:`CompressionMethod.compress`.
+keyword hyperparameters in ``__init__`` (each with a default), a ``search_space`` over a subset
+of those arguments, and one required method, :meth:`CompressionMethod.compress`.
 
 Lifecycle (what the harness does with a method):
 
 1. ``method = create_method(name, **hyperparameters)``; bad values raise :class:`MethodConfigError`
    from ``__init__`` (the CLI turns it into one line and exit code 2).
-2. ``compressed = method.compress(model, target, data, finetune)``. ``model`` is a trained dense model
-   in eval mode that the method may modify in place or copy; ``target`` says how much to compress;
-   ``data`` gives training-split batches only (never validation or test); ``finetune`` trains a model
-   under the study's recipe and returns its validation accuracy. The returned model is the deployable
-   one: pruned filters are really gone, factorised layers really are two convs.
-3. The harness fine-tunes the returned model for the study's epochs, adding ``method.regularize(model)``
-   to the loss; masks and fixed sparsity patterns must survive that (use parametrisations or buffers).
+2. ``compressed = method.compress(model, target, data, finetune)``. ``model`` is a trained dense
+   model in eval mode that the method may modify in place or copy; ``target`` says how much to
+   compress; ``data`` gives training-split batches only (never validation or test); ``finetune``
+   trains a model under the study's recipe and returns its validation accuracy. The returned model
+   is the deployable one: pruned filters are really gone, factorised layers really are two convs.
+3. The harness fine-tunes the returned model for the study's epochs, adding
+   ``method.regularize(model)`` to the loss; masks and fixed sparsity patterns must survive that
+   (use parametrisations or buffers).
 4. The harness measures ``count_params``, ``method.stored_params`` and MACs of the returned model.
 
 Invariants an implementation keeps:
 
-- It never imports MLflow, Optuna, YAML or the CLI; it reports progress only through ``finetune.log``.
+- It never uses MLflow, Optuna trials, YAML or the CLI (``optuna.distributions`` for the search
+  space is data); it reports progress only through ``finetune.log``.
 - It meets a ratio target within 2 % of params (``stored_params``): solve for it (bisection), do not
   assume a nominal rate hits it.
 - Under a fixed ``torch.manual_seed`` it is deterministic.
@@ -85,7 +87,7 @@ def stored_params(model: nn.Module) -> int:
     for module in model.modules():
         parametrizations = getattr(module, "parametrizations", None)
         if parametrizations is not None:
-            for name, plist in parametrizations.items():
+            for plist in parametrizations.values():
                 original = plist.original
                 seen.add(id(original))
                 masks = [getattr(p, "mask", None) for p in plist]
@@ -152,7 +154,7 @@ class Target:
     """How much to compress: a params ratio, or explicit per-layer pruning rates.
 
     Attributes:
-        ratio: dense params / compressed stored params (2.0 = half). None when ``layer_rates`` is set.
+        ratio: dense params / compressed stored params (2.0 = half); None with ``layer_rates``.
         layer_rates: fraction of filters (or rank) removed per prunable layer, in the method's layer
             order; HRank syntax when parsed from text.
         tolerance: allowed relative error of the achieved params ratio (0.02 = 2 %).
@@ -172,7 +174,7 @@ class Target:
 
     @classmethod
     def parse(cls, text: str | float) -> Target:
-        """A number is a ratio; a bracketed or comma list (or a ``rates:`` label) is per-layer rates."""
+        """A number is a ratio; a bracketed or comma list (or a ``rates:`` label) is layer rates."""
         if isinstance(text, int | float):
             return cls(ratio=float(text))
         if text.startswith("rates:"):
@@ -270,7 +272,7 @@ class Finetune(Protocol):
 
 
 class _NoFinetune:
-    """A ``Finetune`` that trains nothing: for footprint checks (``bench.profile``) and unit tests."""
+    """A ``Finetune`` that trains nothing: for footprint checks (``bench.profile``) and tests."""
 
     def __init__(self) -> None:
         self.logged: list[tuple[int, dict[str, float]]] = []
@@ -319,11 +321,11 @@ class CompressionMethod:
         return None
 
     def stored_params(self, model: nn.Module) -> int:
-        """Values stored to run ``model``; masked tensors count by nnz (see :func:`stored_params`)."""
+        """Values stored to run ``model``; masked tensors count by nnz (:func:`stored_params`)."""
         return stored_params(model)
 
     def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Optional per-layer facts (rank, kept filters, sparsity) merged into the run's layer CSV."""
+        """Optional per-layer facts (rank, kept filters, sparsity) for the run's layer CSV."""
         return []
 
     # -- hyperparameters

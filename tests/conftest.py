@@ -1,4 +1,4 @@
-"""Shared test setup: offline, quiet, CPU, small thread count; every test gets its own results dir."""
+"""Shared test setup: offline, quiet, CPU, two threads; each test gets its own results folder."""
 
 import os
 
@@ -6,8 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(2)
 

@@ -109,3 +109,21 @@ def test_registry_rejects_duplicates_and_bad_classes():
             base.get_method_class("dummy_test_methd")
     finally:
         base._REGISTRY.pop("dummy_test_method", None)
+
+
+def test_bake_parametrizations_is_safe_on_a_deep_copy():
+    import copy
+
+    from methods._masks import bake_parametrizations
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3))
+    mask = torch.ones(3, 2, 3, 3)
+    mask[0] = 0
+    apply_mask(model[0], mask)
+    x = torch.randn(1, 2, 5, 5)
+    expected = model(x)
+    baked = bake_parametrizations(copy.deepcopy(model))
+    assert type(baked[0]) is nn.Conv2d and torch.equal(baked[0].weight[0], torch.zeros(2, 3, 3))
+    assert torch.allclose(baked(x), expected)
+    assert torch.allclose(model(x), expected)  # the original still works (shared class untouched)
+    assert stored_params(model) == count_params(model) - 18
