@@ -135,6 +135,18 @@ def test_resume_after_sigkill_mid_trial(results):
                 continue
             states = [t.state for t in trials]
             if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
+                # kill only once the running trial's MLflow run exists: between Optuna's ask and
+                # that run's creation there is nothing for the rerun to mark KILLED
+                running = str(trials[-1].number)
+                try:
+                    runs = mlflow_runs("tune")
+                except Exception:  # the store is busy being written
+                    continue
+                if not any(
+                    r.info.status == "RUNNING" and r.data.tags.get("trial_number") == running
+                    for r in runs
+                ):
+                    continue
                 os.kill(proc.pid, signal.SIGKILL)
                 killed_mid_trial = True
                 break
