@@ -87,6 +87,8 @@ class TuningConfig:
         pruner: "median" (stop trials below the median per-epoch validation accuracy) or "none".
         epochs: fine-tuning epochs of a trial (None: the study's ``finetune.epochs``).
         seed: sampler seed.
+        defaults_first: the first trial of a new Optuna study runs the method's defaults
+            (``enqueue_trial``), so tuning never ends below them on validation.
     """
 
     trials: int = 0
@@ -96,6 +98,7 @@ class TuningConfig:
     pruner: str = "median"
     epochs: float | None = None
     seed: int = 0
+    defaults_first: bool = True
 
     def __post_init__(self) -> None:
         if self.trials < 0:

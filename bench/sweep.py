@@ -316,13 +316,19 @@ def run_method_ratio(sweep, tuner, method: str, ratio) -> list:
     study = sweep.study
     label = Target.parse(ratio).label
     cls = get_method_class(method)
+    # the parent stands for everything its finals depend on: the method's fixed hyperparameters
+    # (defaults + method_args) and, when tuning, the tuning config; a changed method_args or
+    # --no-tune is a new parent, never a stale summary of the old one
     parent_key = sweep.compressed_key(
         "parent",
         method,
         label,
         -1,
-        {},
-        {"tuning": dataclasses.asdict(study.tuning), "seeds": list(study.seeds)},
+        sweep.method_defaults(method),
+        {
+            "tuning": dataclasses.asdict(study.tuning) if tuner is not None else None,
+            "seeds": list(study.seeds),
+        },
     )
     tags = {
         **sweep.base_tags("parent", study.seeds[0]),

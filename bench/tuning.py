@@ -7,6 +7,12 @@ epoch, so the MedianPruner stops hopeless trials. The objective is validation ac
 the achieved params ratio meeting the target (``trial.set_constraint``); ``mode: pareto`` maximises
 accuracy and minimises MACs with NSGA-II instead. The test split is never used here.
 
+The first trial of a new study runs the method's defaults (``tuning.defaults_first``), so the
+tuned configuration is never below the defaults on validation. A study remembers a fingerprint of
+what its trials' values depend on besides their parameters (fixed hyperparameters, fine-tuning
+recipe, baseline, trial epochs); a sweep with other settings gets a study of its own
+(``name#<fingerprint>``) instead of mixing two objectives in one.
+
 The budget counts COMPLETE trials, so a rerun finishes it exactly and never grows it. Trials left
 RUNNING by a dead process on this host are marked FAIL at the next start (their MLflow runs KILLED
 by ``bench.tracking``); workers on other machines are covered by the storage heartbeat.
@@ -14,6 +20,7 @@ by ``bench.tracking``); workers on other machines are covered by the storage hea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from typing import Any
@@ -21,6 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from bench.study import config_hash
 from bench.training import NonFiniteLoss
 from methods.base import MethodConfigError, Target, get_method_class
 
@@ -69,11 +77,63 @@ class Tuner:
             self._storage = optuna.storages.RDBStorage(self.storage_url, **kwargs)
         return self._storage
 
-    def study_name(self, method: str, ratio) -> str:
+    def base_name(self, method: str, ratio) -> str:
         s = self.sweep.study
         return f"{s.name}/{s.model}/{s.dataset}/{method}/{Target.parse(ratio).label}"
 
+    def fingerprint(self, method: str) -> str:
+        """A hash of everything a trial's value depends on besides its own parameters."""
+        sweep = self.sweep
+        return config_hash(
+            {
+                "fixed": sweep.method_defaults(method),
+                "searched": sorted(self._space(method)),
+                "baseline": sweep.baseline_key(sweep.study.seeds[0]),
+                "finetune": dataclasses.asdict(sweep.finetune_recipe),
+                "tuning": {k: getattr(self.cfg, k) for k in ("epochs", "mode", "metric")},
+            }
+        )
+
+    def study_name(self, method: str, ratio) -> str:
+        """``study/model/dataset/method/ratio``; ``#<fingerprint>`` appended when a study of
+        that name exists but was tuned under other fixed settings (method_args, fine-tuning
+        recipe, baseline, trial epochs): trials of different objectives are never mixed."""
+        base, fp = self.base_name(method, ratio), self.fingerprint(method)
+        known = self._fingerprints().get(base, fp)
+        return base if known in (fp, None) else f"{base}#{fp[:8]}"
+
+    def _fingerprints(self) -> dict[str, str | None]:
+        """Existing studies' fingerprints by name, read-only (None: made before fingerprints)."""
+        if self.storage_url.startswith("sqlite:///") and not os.path.exists(
+            self.storage_url.removeprefix("sqlite:///")
+        ):
+            return {}
+        try:
+            summaries = optuna.get_all_study_summaries(self.storage_url, include_best_trial=False)
+        except Exception:  # no Optuna schema yet
+            return {}
+        return {s.study_name: s.user_attrs.get("fingerprint") for s in summaries}
+
+    def _space(self, method: str) -> dict[str, Any]:
+        """The method's search space minus the hyperparameters the study fixes."""
+        fixed = set(self.sweep.study.method_args.get(method, {}))
+        space = get_method_class(method).search_space
+        return {k: v for k, v in space.items() if k not in fixed}
+
     def _study(self, method: str, ratio) -> optuna.Study:
+        study = self._create(method, ratio)
+        if "fingerprint" not in study.user_attrs:
+            study.set_user_attr("fingerprint", self.fingerprint(method))
+        if self.cfg.defaults_first and not study.get_trials(deepcopy=False):
+            defaults = self.sweep.method_defaults(method)
+            study.enqueue_trial(
+                {k: defaults[k] for k in self._space(method)},
+                user_attrs={"source": "defaults"},
+                skip_if_exists=True,
+            )
+        return study
+
+    def _create(self, method: str, ratio) -> optuna.Study:
         seed = self.cfg.seed
         if self.cfg.mode == "pareto":
             sampler = optuna.samplers.NSGAIISampler(seed=seed)
@@ -107,16 +167,8 @@ class Tuner:
     # --------------------------------------------------------------------------------- status
     def status(self, method: str, ratio) -> str:
         """ "C/N complete" for the dry-run plan, without creating anything."""
-        path = self.storage_url.removeprefix("sqlite:///")
-        if self.storage_url.startswith("sqlite:///") and not os.path.exists(path):
-            return f"0/{self.cfg.trials} trials complete"
-        try:
-            summaries = optuna.get_all_study_summaries(self.storage_url)
-        except Exception:
-            summaries = []
         name = self.study_name(method, ratio)
-        study = next((s for s in summaries if s.study_name == name), None)
-        if study is None:
+        if name not in self._fingerprints():
             return f"0/{self.cfg.trials} trials complete"
         loaded = optuna.load_study(study_name=name, storage=self.storage_url)
         done = len(loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -140,10 +192,8 @@ class Tuner:
         stale = self._fail_stale(study)
         if stale:
             sweep.say(f"tune {method} @ {ratio}: {stale} stale trials marked FAIL")
-        space = dict(get_method_class(method).search_space)
+        space = self._space(method)
         defaults = sweep.method_defaults(method)
-        fixed = set(sweep.study.method_args.get(method, {}))
-        space = {k: v for k, v in space.items() if k not in fixed}
         target = Target.parse(ratio)
         parent.set_tags({"optuna_study": study.study_name, "optuna_storage": self.storage_url})
 
@@ -231,8 +281,12 @@ class Tuner:
             parent.set_tags({"tuning_note": "no feasible complete trial: finals use defaults"})
             return [(defaults, "default")]
         if self.cfg.mode == "pareto":
-            front = [t for t in feasible if not any(_dominates(o, t) for o in feasible)]
-            front.sort(key=lambda t: t.number)
+            front, seen = [], set()
+            for t in sorted(feasible, key=lambda t: t.number):
+                key = tuple(sorted(t.params.items()))  # a point sampled twice runs once
+                if key not in seen and not any(_dominates(o, t) for o in feasible):
+                    seen.add(key)
+                    front.append(t)
             parent.set_tags({"pareto_trials": ",".join(str(t.number) for t in front)})
             return [({**defaults, **t.params}, "tuned") for t in front]
         best = max(feasible, key=lambda t: (t.value, -t.number))

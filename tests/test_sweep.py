@@ -121,6 +121,23 @@ def test_changed_recipe_reuses_baseline_and_redoes_finals(smoke_results, monkeyp
     assert len(after) == len(before) + 1
 
 
+@needs_fmnist
+def test_changed_method_args_redo_the_finals(smoke_results, monkeypatch, capsys):
+    # the (method, ratio) parent stands for its fixed hyperparameters: other method_args are new
+    # finals, never the old parent's summary
+    monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
+    args = ("--set", "methods=[l1_filter]", *FAST)
+    assert sweep("--set", "method_args={l1_filter: {allocation: uniform}}", *args) == 0
+    capsys.readouterr()
+    assert sweep("--set", "method_args={l1_filter: {allocation: global}}", *args) == 0
+    assert "1 run now" in capsys.readouterr().out
+    _, finals = runs(stage="final")
+    allocations = {
+        r.data.params.get("hp.allocation") for r in finals if r.data.tags["method"] == "l1_filter"
+    }
+    assert {"uniform", "global"} <= allocations
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -166,3 +166,33 @@ def test_resume_after_sigkill_mid_trial(results):
     numbers = [r.data.tags["trial_number"] for r in finished]
     assert len(numbers) == len(set(numbers)) == 3, "no finished trial is repeated"
     assert any(r.info.status == "KILLED" for r in tune_runs)
+
+
+def all_studies():
+    return {s.study_name: s for s in optuna.get_all_study_summaries(default_storage())}
+
+
+def test_first_trial_runs_the_defaults(results, probe_path):
+    assert sweep("--set", "tuning.trials=2", "--set", "tuning.seed=5") == 0
+    first = optuna_trials()[0]
+    assert first.params == {"sloppy": False, "explode": False}  # Probe's defaults
+    assert first.user_attrs["source"] == "defaults"
+    assert first.state == TrialState.COMPLETE
+
+
+def test_other_fixed_settings_get_their_own_study(results, probe_path):
+    base = "smoke/vgg16_bn_cifar/fashion-mnist/probe/2"
+    assert sweep("--set", "tuning.trials=2") == 0
+    assert set(all_studies()) == {base}
+    # other fixed hyperparameters: a new objective, so a new study; the first is left alone
+    assert sweep("--set", "tuning.trials=2", "--set", "method_args={probe: {delay: 0.01}}") == 0
+    studies = all_studies()
+    (other,) = set(studies) - {base}
+    assert other.startswith(base + "#")
+    assert studies[base].n_trials == 2 and studies[other].n_trials == 2
+    assert studies[base].user_attrs["fingerprint"] != studies[other].user_attrs["fingerprint"]
+    # the first settings again: their study is found by its fingerprint, its budget already met
+    assert sweep("--set", "tuning.trials=2") == 0
+    assert {k: s.n_trials for k, s in all_studies().items()} == {base: 2, other: 2}
+    parents = mlflow_runs("parent")
+    assert {p.data.tags["optuna_study"] for p in parents} == {base, other}
