@@ -39,6 +39,7 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_int",
+    "energy_fractions",
     "factorisable_layers",
     "forward_order",
     "out_of_reach",
@@ -296,7 +297,7 @@ def warn_adjusted(method: str, clamped: Sequence[str], dense: Sequence[str]) -> 
         )
 
 
-def _energy_fractions(spectrum: torch.Tensor) -> torch.Tensor:
+def energy_fractions(spectrum: torch.Tensor) -> torch.Tensor:
     """Cumulative fraction of squared singular values, kept by ranks 1..len (last entry 1)."""
     energy = spectrum.detach().cpu().double().square()  # CPU: bisection probes it many times
     total = energy.sum()
@@ -335,7 +336,7 @@ def allocate_ranks(
         raise MethodConfigError(f"{method}: allocation {allocation!r} is not one of {ALLOCATIONS}")
     if allocation == "energy" and (spectra is None or len(spectra) != len(layers)):
         raise ValueError("energy allocation needs one singular-value spectrum per layer")
-    fractions = [_energy_fractions(s) for s in spectra] if allocation == "energy" else []
+    fractions = [energy_fractions(s) for s in spectra] if allocation == "energy" else []
 
     def raw_ranks(t: float) -> list[int]:
         if allocation == "uniform":

@@ -73,16 +73,59 @@ def test_sparse_share_special_cases():
     assert all(m.lowrank is not None and m.sparse is not None for m in mixed.values())
 
 
-def test_no_svd_anywhere_while_lrsd_runs(monkeypatch):
+def _refuse_svd(monkeypatch, names=("svd", "svdvals", "eigh", "eig", "eigvalsh")):
     def refuse(*args, **kwargs):
         raise AssertionError("lrsd must not call an SVD")
 
-    for name in ("svd", "svdvals", "eigh", "eig", "eigvalsh"):
+    for name in names:
         monkeypatch.setattr(torch.linalg, name, refuse)
     for name in ("svd", "svd_lowrank", "pca_lowrank"):
         monkeypatch.setattr(torch, name, refuse)
-    compressed = _compress(_vgg(), Target(ratio=2.0))
+
+
+def test_no_svd_anywhere_while_lrsd_runs(monkeypatch):
+    _refuse_svd(monkeypatch)
+    compressed = _compress(_vgg(), Target(ratio=2.0), allocation="uniform")
     assert _decomposed(compressed)
+
+
+def test_energy_allocation_solves_only_small_symmetric_eigenproblems(monkeypatch):
+    # the one decomposition "energy" adds: eigenvalues of the m x m output Gram W Sigma W^T
+    # per layer, once; the solver itself stays SVD-free
+    model = _vgg()
+    shapes, eigvalsh = [], torch.linalg.eigvalsh
+    _refuse_svd(monkeypatch, names=("svd", "svdvals", "eigh", "eig"))
+
+    def spy(a, *args, **kwargs):
+        shapes.append(tuple(a.shape))
+        return eigvalsh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", spy)
+    outs = [m.weight.shape[0] for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    compressed = _compress(model, Target(ratio=4.0), allocation="energy")
+    assert sorted(shapes) == sorted((m, m) for m in outs)
+    ranks = {name: m.rank for name, m in _decomposed(compressed).items()}
+    assert len(set(ranks.values())) > 2  # the energy spreads ranks unevenly
+
+
+def test_energy_allocation_beats_uniform_on_trained_like_spectra():
+    # layers whose outputs live in a few directions should give up rank to those that do not
+    torch.manual_seed(0)
+    lin = nn.Sequential(
+        nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+    with torch.no_grad():  # layer 0: rank 4 plus noise; layer 1: full rank
+        lin[0].weight.copy_(
+            torch.randn(256, 4) @ torch.randn(4, 256) + 0.01 * torch.randn(256, 256)
+        )
+    data = CalibData.synthetic((256,), 10, n_batches=2, batch_size=32)
+    ranks = {}
+    for allocation in ("uniform", "energy"):
+        method = create_method("lrsd", sparse_share=0.0, allocation=allocation, n_samples=64)
+        out = method.compress(copy.deepcopy(lin), Target(ratio=2.0), data, no_finetune())
+        ranks[allocation] = [m.rank for m in out.modules() if isinstance(m, LowRankSparse)]
+    assert ranks["energy"][0] < ranks["uniform"][0]
+    assert ranks["energy"][1] > ranks["uniform"][1]
 
 
 def test_solver_recovers_an_exact_low_rank_plus_sparse_matrix():
