@@ -21,6 +21,7 @@ by ``bench.tracking``); workers on other machines are covered by the storage hea
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 from typing import Any
@@ -226,13 +227,12 @@ class Tuner:
             {"trial": trial.number, "optuna_study": study.study_name},
         )
         pareto = cfg.mode == "pareto"
+        epochs = cfg.epochs if cfg.epochs is not None else sweep.finetune_recipe.epochs
+        n_reports = math.ceil(epochs - 1e-9)  # one report per (possibly partial) epoch
 
         def on_epoch(result):
-            if pareto:  # Optuna has no pruning for multi-objective studies
-                return
-            trial.report(result.val_top1, result.epoch - 1)
-            if trial.should_prune():
-                raise _Pruned(f"pruned at epoch {result.epoch}: val {result.val_top1:.2f}%")
+            if not pareto:  # Optuna has no pruning for multi-objective studies
+                report(trial, result.val_top1, result.epoch, n_reports)
 
         tags = {"trial_number": trial.number, "optuna_study": study.study_name}
         try:
@@ -293,6 +293,17 @@ class Tuner:
         parent.log_params({f"best.{k}": v for k, v in {**defaults, **best.params}.items()})
         parent.set_tags({"best_trial": best.number})
         return [({**defaults, **best.params}, "tuned")]
+
+
+def report(trial: optuna.Trial, value: float, epoch: int, n_reports: int) -> None:
+    """Report epoch ``epoch`` (1-based) of ``n_reports``; raise if the pruner says stop.
+
+    Never prunes at the last report: the trial has already paid for all its epochs, and a
+    PRUNED trial does not count towards the budget, so pruning it then would only waste it.
+    """
+    trial.report(value, epoch - 1)
+    if epoch < n_reports and trial.should_prune():
+        raise _Pruned(f"pruned at epoch {epoch}: val {value:.2f}%")
 
 
 def _dominates(a, b) -> bool:

@@ -196,3 +196,21 @@ def test_other_fixed_settings_get_their_own_study(results, probe_path):
     assert {k: s.n_trials for k, s in all_studies().items()} == {base: 2, other: 2}
     parents = mlflow_runs("parent")
     assert {p.data.tags["optuna_study"] for p in parents} == {base, other}
+
+
+def test_pruner_stops_early_but_never_wastes_a_finished_trial():
+    from bench.tuning import report
+
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    good = study.ask()
+    report(good, 90.0, epoch=1, n_reports=1)
+    study.tell(good, 90.0)
+    # a hopeless trial is stopped before its last epoch ...
+    with pytest.raises(optuna.TrialPruned, match="pruned at epoch 1"):
+        report(study.ask(), 10.0, epoch=1, n_reports=3)
+    # ... but at its last report it has paid in full: it completes and counts
+    last = study.ask()
+    report(last, 10.0, epoch=1, n_reports=1)
+    study.tell(last, 10.0)
+    assert [t.state for t in study.trials][-1] == TrialState.COMPLETE
