@@ -16,7 +16,7 @@ from torch import nn
 
 from bench import footprint
 from bench.tracking import RunHandle
-from bench.training import evaluate, train
+from bench.training import evaluate, recalibrate_bn, train
 from methods.base import CalibData, CompressionWarning, Target, create_method
 
 __all__ = ["compress_finetune_measure"]
@@ -90,6 +90,18 @@ def compress_finetune_measure(
         handle.set_tags({"warnings": " | ".join(notes)[:4900]})
     compressed = compressed.to(sweep.device)
     m: dict[str, float] = {"baseline_val_top1": base.val_top1}
+    n_batches = sweep.study.bn_recalibration_batches
+    norm = nn.modules.batchnorm._BatchNorm
+    if n_batches and any(isinstance(x, norm) for x in compressed.modules()):
+        # the pre-fine-tuning numbers then measure the compressed weights, not stale statistics
+        m["val_top1_pre_bn"] = evaluate(compressed, sweep.splits.val)["top1"]
+        recalibrate_bn(
+            compressed,
+            sweep.splits.train,
+            batches=n_batches,
+            batch_size=recipe.batch_size,
+            generator=torch.Generator().manual_seed(seed + 2),
+        )
     m["val_top1_pre_ft"] = evaluate(compressed, sweep.splits.val)["top1"]
     if final:
         m["baseline_test_top1"] = base.test_top1

@@ -282,10 +282,18 @@ class Sweep:
                 "ratio": ratio,
                 "hps": hps,
                 "seed": seed,
-                "finetune": dataclasses.asdict(self.finetune_recipe),
+                **self.after_compression(),
                 **(extra or {}),
             }
         )
+
+    def after_compression(self) -> dict[str, Any]:
+        """What the harness does to every compressed model (part of run keys and Optuna study
+        fingerprints): the fine-tuning recipe and the BatchNorm re-estimation."""
+        out: dict[str, Any] = {"finetune": dataclasses.asdict(self.finetune_recipe)}
+        if self.study.bn_recalibration_batches:  # absent when off: earlier runs keep their keys
+            out["bn_recalibration_batches"] = self.study.bn_recalibration_batches
+        return out
 
     def compressed_run(
         self,
@@ -330,6 +338,7 @@ class Sweep:
             {f"baseline.{k}": v for k, v in dataclasses.asdict(self.study.baseline).items()}
         )
         params["target_ratio"] = label
+        params["bn_recalibration_batches"] = self.study.bn_recalibration_batches
         with self.tracker.run(f"{method}-{label}-{stage}-s{seed}", tags, params, parent) as handle:
             metrics = self._compress_finetune(
                 stage, method, label, seed, hps, base, handle, on_epoch, epochs

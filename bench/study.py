@@ -153,6 +153,9 @@ class Study:
         seeds: seeds of the final runs (and of their baselines).
         width: channel-width multiplier of the CIFAR models (None = 1.0).
         method_args: per-method hyperparameter defaults, e.g. {freq_lowrank: {gamma: 0.7}}.
+        bn_recalibration_batches: training batches (of ``finetune.batch_size``) that re-estimate
+            every BatchNorm's statistics after compression, before the pre-fine-tuning
+            evaluation and the fine-tuning, for every method alike; 0 turns it off.
     """
 
     name: str
@@ -168,6 +171,7 @@ class Study:
     data: DataConfig = field(default_factory=DataConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bn_recalibration_batches: int = 20
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -351,4 +355,9 @@ def _check_values(study: Study, where: str) -> Study:
             ratios.append(float(ratio))
     if study.width is not None and not 0 < study.width <= 4:
         raise StudyError(f"{where}: width {study.width} must lie in (0, 4]")
+    if study.bn_recalibration_batches < 0:
+        raise StudyError(
+            f"{where}: bn_recalibration_batches = {study.bn_recalibration_batches} must be >= 0 "
+            "(0 turns the BatchNorm re-estimation off)"
+        )
     return replace(study, ratios=tuple(ratios))

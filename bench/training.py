@@ -21,7 +21,14 @@ from tqdm.auto import tqdm
 
 from bench.study import Recipe
 
-__all__ = ["EpochResult", "NonFiniteLoss", "evaluate", "progress_enabled", "train"]
+__all__ = [
+    "EpochResult",
+    "NonFiniteLoss",
+    "evaluate",
+    "progress_enabled",
+    "recalibrate_bn",
+    "train",
+]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,6 +95,61 @@ def evaluate(
     out = {f"top{k}": 100.0 * correct[k] / max(n, 1) for k in topk}
     out["loss"] = loss_sum / max(n, 1)
     return out
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module,
+    split,
+    *,
+    batches: int,
+    batch_size: int = 128,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches.
+
+    Removing filters or truncating ranks shifts each layer's output distribution, so the running
+    means and variances the dense model learned no longer fit: structured methods then score at
+    chance before fine-tuning although their weights are fine (quickstart, l1_filter at 2x: 10 %
+    before, 70 % after). Only the BatchNorm layers run in train mode, with a cumulative average
+    (``momentum=None``); weights, masks, dropout and every other module are untouched. Returns the
+    number of BatchNorm layers re-estimated (0: nothing to do, the model is left as it was).
+    """
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not norms or batches <= 0:
+        return 0
+    was_training = model.training
+    device = next(model.parameters()).device
+    cl = _channels_last(model, device)
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    seen = 0
+    try:
+        for x, _ in split.batches(
+            batch_size, shuffle=True, augment=True, generator=generator, channels_last=cl
+        ):
+            if len(x) < 2:  # a one-image batch has no variance (BatchNorm1d refuses it)
+                continue
+            model(x)
+            seen += 1
+            if seen >= batches:
+                break
+    finally:
+        for m, (momentum, mean, var) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if not seen:  # nothing was seen (an interrupt, a split too small): as it was
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+        model.train(was_training)
+    return len(norms) if seen else 0
 
 
 def train(

@@ -20,7 +20,6 @@ by ``bench.tracking``); workers on other machines are covered by the storage hea
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import socket
@@ -90,7 +89,7 @@ class Tuner:
                 "fixed": sweep.method_defaults(method),
                 "searched": sorted(self._space(method)),
                 "baseline": sweep.baseline_key(sweep.study.seeds[0]),
-                "finetune": dataclasses.asdict(sweep.finetune_recipe),
+                **sweep.after_compression(),
                 "tuning": {k: getattr(self.cfg, k) for k in ("epochs", "mode", "metric")},
             }
         )

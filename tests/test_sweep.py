@@ -83,6 +83,8 @@ def test_sweep_logs_every_run(smoke_results, monkeypatch):
         ):
             assert key in m, key
         assert abs(m["params_ratio"] / 2 - 1) <= 0.02
+        # BatchNorm re-estimated after compression (default 20 batches), the raw number kept
+        assert run.data.params["bn_recalibration_batches"] == "20" and "val_top1_pre_bn" in m
         assert 0 <= m["test_top1"] <= 100
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"study.yaml", "layers.csv", "model_state.pt"} <= arts
@@ -138,6 +140,17 @@ def test_changed_method_args_redo_the_finals(smoke_results, monkeypatch, capsys)
     assert {"uniform", "global"} <= allocations
 
 
+@needs_fmnist
+def test_bn_recalibration_can_be_turned_off(smoke_results, monkeypatch, capsys):
+    monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
+    args = ("--set", "methods=[l1_filter]", *FAST)
+    assert sweep("--set", "bn_recalibration_batches=0", *args) == 0
+    assert "1 run now" in capsys.readouterr().out  # a setting of its own: a new run key
+    _, finals = runs(stage="final")
+    off = [r for r in finals if r.data.params["bn_recalibration_batches"] == "0"]
+    assert len(off) == 1 and "val_top1_pre_bn" not in off[0].data.metrics
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -147,6 +160,7 @@ def test_changed_method_args_redo_the_finals(smoke_results, monkeypatch, capsys)
         (["--set", "dataset=cifar11"], "did you mean 'cifar10'"),
         (["--set", "finetune.epochs=lots"], "finetune.epochs must be float"),
         (["--set", "methods=[]"], "methods is empty"),
+        (["--set", "bn_recalibration_batches=-1"], "bn_recalibration_batches = -1 must be >= 0"),
         (["--set", "ratios=['[0.5]*3']", "--set", "methods=[l1_filter]"], "layer rates"),
         (["--set", "dataset=cifar10"], "--download"),
         (["--bogus"], "unrecognized arguments"),
