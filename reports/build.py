@@ -4,6 +4,7 @@ Everything that can fail on the user's input (store, study, metrics, reference f
 before the first file is written. The layout under ``out``::
 
     index.html                       the page (self-contained)
+    .report-files                    what this report wrote (the next one deletes what is gone)
     summary.csv                      every table row of every (model, dataset), raw numbers
     <model>/<dataset>/table.{md,tex,csv}
     <model>/<dataset>/pareto_{params,macs,speedup}.{png,svg}
@@ -30,6 +31,8 @@ from reports.tables import display_table, to_csv, to_latex, to_markdown
 from reports.tuning import tuning_views
 
 __all__ = ["Report", "build_report", "default_out"]
+
+MANIFEST = ".report-files"  # what the last report wrote in its folder (see _forget_stale)
 
 _PLOT_CAPTIONS = {
     "params": "Test top-1 vs params reduction",
@@ -126,4 +129,28 @@ def build_report(
         mask_credentials(storage) if storage else None,
     )
     _write(out / "index.html", page, written)
+    _forget_stale(out, written)
     return Report(out, out / "index.html", tuple(sorted(set(written))), summary)
+
+
+def _forget_stale(out: Path, written: list[Path]) -> None:
+    """Delete what the previous report in ``out`` wrote and this one did not (a method or group
+    that is gone, a plot no longer drawn), then record this report's files in ``MANIFEST``.
+
+    Only files listed in the previous manifest are candidates, and only inside ``out``: a user's
+    own files there are never touched.
+    """
+    manifest = out / MANIFEST
+    now = {p.relative_to(out).as_posix() for p in written} | {MANIFEST}
+    before = manifest.read_text(encoding="utf-8").splitlines() if manifest.is_file() else []
+    root = out.resolve()
+    for name in sorted(set(before) - now, reverse=True):
+        path = (out / name).resolve()
+        if not name or not path.is_relative_to(root) or path == root or not path.is_file():
+            continue
+        path.unlink()
+        for folder in path.parents:  # and the folders that this leaves empty
+            if folder == root or not folder.is_relative_to(root) or any(folder.iterdir()):
+                break
+            folder.rmdir()
+    _write(manifest, "".join(f"{name}\n" for name in sorted(now)), written)

@@ -371,3 +371,22 @@ def test_page_renders_in_headless_chromium_with_every_image(cli_report, tmp_path
     )  # fmt: skip
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 50_000  # a page with plots, not a blank one
+
+
+def test_regenerating_into_the_same_folder_leaves_nothing_stale(store, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")  # a user's own file in the folder
+    (tmp_path / "outside.txt").write_text("keep\n")
+    old = build_report("evilstudy", tracking_uri=store[0], out=out)
+    gone = {p.relative_to(out).as_posix() for p in old.files}
+    # a hand-edited manifest can never reach outside the folder
+    with open(out / ".report-files", "a") as f:
+        f.write("../outside.txt\n")
+    new = build_report(fake.STUDY, tracking_uri=store[0], out=out)
+    kept = {p.relative_to(out).as_posix() for p in new.files}
+    assert gone - kept, "the two studies must differ for this test to mean anything"
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert on_disk == kept | {"notes.txt"}
+    assert not [p for p in out.rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert (tmp_path / "outside.txt").read_text() == "keep\n"
