@@ -90,19 +90,17 @@ def compress_finetune_measure(
         handle.set_tags({"warnings": " | ".join(notes)[:4900]})
     compressed = compressed.to(sweep.device)
     m: dict[str, float] = {"baseline_val_top1": base.val_top1}
-    n_batches = sweep.study.bn_recalibration_batches
-    norm = nn.modules.batchnorm._BatchNorm
-    if n_batches and any(isinstance(x, norm) for x in compressed.modules()):
-        # the pre-fine-tuning numbers then measure the compressed weights, not stale statistics
-        m["val_top1_pre_bn"] = evaluate(compressed, sweep.splits.val)["top1"]
-        recalibrate_bn(
-            compressed,
-            sweep.splits.train,
-            batches=n_batches,
-            batch_size=recipe.batch_size,
-            generator=torch.Generator().manual_seed(seed + 2),
-        )
     m["val_top1_pre_ft"] = evaluate(compressed, sweep.splits.val)["top1"]
+    # the pre-fine-tuning numbers then measure the compressed weights, not stale statistics
+    if recalibrate_bn(
+        compressed,
+        sweep.splits.train,
+        batches=sweep.study.bn_recalibration_batches,
+        batch_size=recipe.batch_size,
+        generator=torch.Generator().manual_seed(seed + 2),
+    ):
+        m["val_top1_pre_bn"] = m["val_top1_pre_ft"]
+        m["val_top1_pre_ft"] = evaluate(compressed, sweep.splits.val)["top1"]
     if final:
         m["baseline_test_top1"] = base.test_top1
         m["test_top1_pre_ft"] = evaluate(compressed, sweep.splits.test)["top1"]
