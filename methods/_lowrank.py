@@ -41,7 +41,6 @@ __all__ = [
     "check_int",
     "energy_fractions",
     "factorisable_layers",
-    "forward_order",
     "out_of_reach",
     "set_module",
     "solve_fraction",
@@ -123,29 +122,6 @@ def factorisable_layers(
             continue
         layers.append(LayerInfo(name, "conv", module.out_channels, module.in_channels * kh * kw))
     return layers
-
-
-@torch.no_grad()
-def forward_order(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> list[str]:
-    """``names`` in the order their modules first run in ``model(example)``; unused ones dropped."""
-    order: list[str] = []
-    handles = []
-    for name in names:
-
-        def hook(module: nn.Module, args: Any, name: str = name) -> None:
-            if name not in order:
-                order.append(name)
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return order
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

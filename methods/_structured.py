@@ -21,12 +21,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from methods._modules import example_input
 from methods._structured_graph import (
     build_graph,
     copy_with_graph,
-    example_input,
     following_batchnorm,
-    forward_order,
     prunable_convs,
     prune_filters,
 )
@@ -45,9 +44,7 @@ __all__ = [
     "build_graph",
     "check_allocation",
     "copy_with_graph",
-    "example_input",
     "following_batchnorm",
-    "forward_order",
     "kept_count",
     "params_after",
     "prunable_convs",

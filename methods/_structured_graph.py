@@ -26,22 +26,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from methods._modules import modules_in_run_order
+
 __all__ = [
     "build_graph",
     "copy_with_graph",
-    "example_input",
     "following_batchnorm",
-    "forward_order",
     "prunable_convs",
     "prune_filters",
 ]
-
-
-def example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
-    """One all-zeros image batch (1 x C x H x W) on the model's device, for tracing."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    return torch.zeros(1, *input_shape, device=device)
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
@@ -104,30 +97,6 @@ def copy_with_graph(
     return model_copy, graph_copy
 
 
-def forward_order(
-    model: nn.Module, example: torch.Tensor, types: tuple[type[nn.Module], ...]
-) -> list[tuple[str, nn.Module]]:
-    """Modules of ``types`` in the order a forward pass first calls them (uncalled ones omitted)."""
-    names = {module: name for name, module in model.named_modules()}
-    order: list[nn.Module] = []
-
-    def record(module: nn.Module, *_: object) -> None:
-        if module not in order:
-            order.append(module)
-
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, types)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return [(names[m], m) for m in order]
-
-
 def _feeds_residual(graph: tp.DependencyGraph, conv: nn.Conv2d) -> bool:
     """True when pruning ``conv``'s filters would also remove another conv's or linear's outputs."""
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
@@ -153,7 +122,7 @@ def prunable_convs(
         graph: a dependency graph of ``model`` already built on ``example`` (built when None).
     """
     graph = graph if graph is not None else build_graph(model, example)
-    convs = forward_order(model, example, (nn.Conv2d,))
+    convs = modules_in_run_order(model, example, (nn.Conv2d,))
     # The network's last conv is kept whole, as in the released DCTPruning/HRank code.
     return [
         (name, conv)

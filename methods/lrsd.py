@@ -53,7 +53,6 @@ from methods._lowrank import (
     check_int,
     energy_fractions,
     factorisable_layers,
-    forward_order,
     out_of_reach,
     set_module,
     solve_fraction,
@@ -62,6 +61,7 @@ from methods._lowrank import (
 )
 from methods._lrsd_solver import add_ridge, greedy_bilateral, input_covariance
 from methods._masks import apply_mask, masked_weight
+from methods._modules import modules_in_run_order
 from methods.base import (
     CalibData,
     CompressionMethod,
@@ -298,7 +298,9 @@ class LRSD(CompressionMethod):
         layers = factorisable_layers(model)
         device = next(model.parameters()).device
         example = next(iter(data.batches()))[0][:2].to(device)
-        reached = forward_order(model, [layer.name for layer in layers], example)
+        wanted = {layer.name for layer in layers}
+        run = modules_in_run_order(model, example, (nn.Conv2d, nn.Linear))
+        reached = [name for name, _ in run if name in wanted]
         spectra = None
         if self.allocation == "energy" and target.layer_rates is None:
             spectra = [self._output_spectrum(model, layer.name, reached, data) for layer in layers]

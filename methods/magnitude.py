@@ -32,7 +32,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from torch import nn
 
 from methods._masks import apply_mask, masked_weight
-from methods._structured import example_input, forward_order
+from methods._modules import example_input, modules_in_run_order
 from methods.base import (
     CalibData,
     CompressionMethod,
@@ -139,7 +139,7 @@ class Magnitude(CompressionMethod):
     def compress(
         self, model: nn.Module, target: Target, data: CalibData, finetune: Finetune
     ) -> nn.Module:
-        layers = forward_order(model, example_input(model, data.input_shape), MASKABLE)
+        layers = modules_in_run_order(model, example_input(model, data.input_shape), MASKABLE)
         target.check_layer_count(len(layers), "maskable conv and linear layers")
         modules = [module for _, module in layers]
         sizes = [module.weight.numel() for module in modules]

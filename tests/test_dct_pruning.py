@@ -15,7 +15,8 @@ from torch import nn
 import bench.models
 from bench.footprint import count_macs
 from methods._dct import idct2
-from methods._structured import build_graph, example_input, prunable_convs
+from methods._modules import example_input
+from methods._structured import build_graph, prunable_convs
 from methods.base import (
     CalibData,
     MethodConfigError,

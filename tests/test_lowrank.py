@@ -22,12 +22,12 @@ from methods._lowrank import (
     check_float,
     check_int,
     factorisable_layers,
-    forward_order,
     set_module,
     solve_fraction,
     truncated_svd,
     weight_matrix,
 )
+from methods._modules import modules_in_run_order
 from methods.base import CompressionWarning, MethodConfigError, Target, count_params
 
 
@@ -93,10 +93,13 @@ def test_factorisable_layers_shapes_and_filters():
     assert [lay.name for lay in factorisable_layers(model, spatial_only=True)] == ["stem"]
 
 
-def test_forward_order_follows_execution_not_definition():
-    model = _Swapped()
-    names = [layer.name for layer in factorisable_layers(model)]
-    assert forward_order(model, names, torch.randn(1, 3, 8, 8)) == ["stem", "pointwise", "head"]
+def test_modules_in_run_order_follow_execution_not_definition():
+    model = _Swapped().train()
+    run = modules_in_run_order(model, torch.randn(1, 3, 8, 8), (nn.Conv2d, nn.Linear))
+    assert [name for name, _ in run] == ["stem", "depthwise", "pointwise", "head"]
+    assert run[0][1] is model.stem and model.training  # training mode restored
+    names = {layer.name for layer in factorisable_layers(model)}
+    assert [name for name, _ in run if name in names] == ["stem", "pointwise", "head"]
 
 
 def test_set_module_replaces_nested_modules_and_refuses_the_root():

@@ -15,9 +15,9 @@ import bench.models
 import methods
 import methods._structured as structured
 from bench.footprint import count_macs
+from methods._modules import example_input
 from methods._structured import (
     build_graph,
-    example_input,
     kept_count,
     prunable_convs,
     prune_filters,

@@ -16,10 +16,10 @@ from torch import nn
 
 import bench.models
 import methods._structured as structured
+from methods._modules import example_input
 from methods._structured import (
     build_graph,
     copy_with_graph,
-    example_input,
     params_after,
     prunable_convs,
     prune_filters,
