@@ -11,7 +11,6 @@
   each layer's full rank (``uniform``) or one global singular-value energy threshold (``energy``),
   solved by bisection on that fraction/threshold and then topped up one rank at a time, so that the
   achieved ``count_params(dense) / count_params(compressed)`` lands within the target's tolerance.
-- One-line argument checks shared by the methods' ``__init__``.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,10 +33,6 @@ __all__ = [
     "allocate_ranks",
     "balance",
     "build_lowrank",
-    "check_bool",
-    "check_choice",
-    "check_float",
-    "check_int",
     "energy_fractions",
     "factorisable_layers",
     "out_of_reach",
@@ -386,44 +380,3 @@ def _fill(
         layer = layers[best]
         ranks[best] = ranks[best] + 1 if layer.saves(ranks[best] + 1) else layer.full_rank
         room -= best_cost
-
-
-# ------------------------------------------------------------------------------------ checks
-def check_choice(method: str, name: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise a one-line MethodConfigError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        listed = ", ".join(repr(c) for c in choices)
-        raise MethodConfigError(f"{method}: {name}={value!r} is not one of {listed}")
-
-
-def check_bool(method: str, name: str, value: Any) -> None:
-    """Raise unless ``value`` is a bool."""
-    if not isinstance(value, bool):
-        raise MethodConfigError(f"{method}: {name}={value!r} must be True or False")
-
-
-def check_int(method: str, name: str, value: Any, low: int) -> None:
-    """Raise unless ``value`` is an int >= ``low`` (bools are not ints here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise MethodConfigError(f"{method}: {name}={value!r} must be an integer >= {low}")
-
-
-def check_float(
-    method: str,
-    name: str,
-    value: Any,
-    low: float,
-    high: float = math.inf,
-    *,
-    open_low: bool = False,
-    open_high: bool = False,
-) -> None:
-    """Raise unless ``value`` is a finite-or-bounded real number in the given interval."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and (
-            value < high if open_high else value <= high
-        )
-    if not ok:
-        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raise MethodConfigError(f"{method}: {name}={value!r} must be a number in {interval}")

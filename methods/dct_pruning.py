@@ -36,6 +36,7 @@ import torch_pruning as tp
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import nn
 
+from methods._checks import check_bool, check_choice, check_float, check_int
 from methods._dct import dct2, low_band_mask
 from methods._structured import (
     ALLOCATIONS,
@@ -56,8 +57,7 @@ def dct_band_energy(activations: torch.Tensor, band: str, band_fraction: float) 
     ``band="full"`` sums every coefficient (= the squared L2 norm, Parseval); ``"low"`` sums the
     top-left ``ceil(band_fraction * H) x ceil(band_fraction * W)`` block.
     """
-    if band not in BANDS:
-        raise MethodConfigError(f"band {band!r} is unknown: use one of {', '.join(BANDS)}")
+    check_choice("dct_pruning", "band", band, BANDS)
     coeffs = dct2(activations.double())
     energy = coeffs.square()
     if band == "low":
@@ -97,19 +97,11 @@ class DCTPruning(StructuredPruning):
         allocation: str = "uniform",
         reinit_bn: bool = False,
     ) -> None:
-        if band not in BANDS:
-            raise MethodConfigError(f"band {band!r} is unknown: use one of {', '.join(BANDS)}")
-        if isinstance(band_fraction, bool) or not isinstance(band_fraction, int | float):
-            raise MethodConfigError(f"band_fraction {band_fraction!r} must be a number in (0, 1]")
-        if not 0.0 < band_fraction <= 1.0:
-            raise MethodConfigError(f"band_fraction {band_fraction} must lie in (0, 1]")
-        if isinstance(calib_batches, bool) or not isinstance(calib_batches, int):
-            raise MethodConfigError(f"calib_batches {calib_batches!r} must be an integer >= 1")
-        if calib_batches < 1:
-            raise MethodConfigError(f"calib_batches {calib_batches} must be >= 1")
+        check_choice(self.name, "band", band, BANDS)
+        check_float(self.name, "band_fraction", band_fraction, 0.0, 1.0, open_low=True)
+        check_int(self.name, "calib_batches", calib_batches, 1)
         check_allocation(allocation)
-        if not isinstance(reinit_bn, bool):
-            raise MethodConfigError(f"reinit_bn {reinit_bn!r} must be true or false")
+        check_bool(self.name, "reinit_bn", reinit_bn)
         self.band = band
         self.band_fraction = band_fraction
         self.calib_batches = calib_batches

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from methods._checks import check_bool, check_choice, check_float, check_int
 from methods._dct import dct2, idct2
 from methods._lowrank import (
     ALLOCATIONS,
@@ -50,10 +51,6 @@ from methods._lowrank import (
     allocate_ranks,
     balance,
     build_lowrank,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
     factorisable_layers,
     set_module,
     truncated_svd,

@@ -42,15 +42,13 @@ import optuna.distributions as od
 import torch
 from torch import nn
 
+from methods._checks import check_choice, check_float, check_int
 from methods._lowrank import (
     ALLOCATIONS,
     LayerInfo,
     allocate_ranks,
     balance,
     build_lowrank,
-    check_choice,
-    check_float,
-    check_int,
     energy_fractions,
     factorisable_layers,
     out_of_reach,

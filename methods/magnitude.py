@@ -23,7 +23,6 @@ Fine-tuning between rounds uses the study's recipe through the ``finetune`` call
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import nn
 
+from methods._checks import check_choice, check_float, check_int
 from methods._masks import apply_mask, masked_weight
 from methods._modules import example_input, modules_in_run_order
 from methods.base import (
@@ -116,21 +116,10 @@ class Magnitude(CompressionMethod):
         curve: str = "cubic",
         epochs_per_step: float = 1.0,
     ) -> None:
-        if schedule not in SCHEDULES:
-            raise MethodConfigError(
-                f"schedule {schedule!r} is unknown: use one of {', '.join(SCHEDULES)}"
-            )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise MethodConfigError(f"steps {steps!r} must be an integer >= 1")
-        if curve not in CURVES:
-            raise MethodConfigError(f"curve {curve!r} is unknown: use one of {', '.join(CURVES)}")
-        if (
-            isinstance(epochs_per_step, bool)
-            or not isinstance(epochs_per_step, int | float)
-            or not math.isfinite(epochs_per_step)
-            or epochs_per_step < 0
-        ):
-            raise MethodConfigError(f"epochs_per_step {epochs_per_step!r} must be a number >= 0")
+        check_choice(self.name, "schedule", schedule, SCHEDULES)
+        check_int(self.name, "steps", steps, 1)
+        check_choice(self.name, "curve", curve, CURVES)
+        check_float(self.name, "epochs_per_step", epochs_per_step, 0.0)
         self.schedule = schedule
         self.steps = steps
         self.curve = curve

@@ -28,13 +28,12 @@ import optuna.distributions as od
 import torch
 from torch import nn
 
+from methods._checks import check_bool, check_choice
 from methods._lowrank import (
     ALLOCATIONS,
     LowRank,
     allocate_ranks,
     build_lowrank,
-    check_bool,
-    check_choice,
     factorisable_layers,
     set_module,
     weight_matrix,

@@ -17,10 +17,6 @@ from methods._lowrank import (
     allocate_ranks,
     balance,
     build_lowrank,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
     factorisable_layers,
     set_module,
     solve_fraction,
@@ -185,18 +181,3 @@ def test_layer_rates_set_ranks_and_warn_when_clamped_or_dense():
     assert plan.ranks == (1, None) and plan.clamped == ("a",) and plan.dense == ("b",)
     with pytest.raises(MethodConfigError, match="2 factorisable layers"):
         allocate_ranks(layers, 10_000, Target(layer_rates=(0.5,)))
-
-
-def test_argument_checks_raise_one_line_errors():
-    with pytest.raises(MethodConfigError, match="x='c' is not one of 'a', 'b'"):
-        check_choice("m", "x", "c", ("a", "b"))
-    with pytest.raises(MethodConfigError, match="True or False"):
-        check_bool("m", "x", 1)
-    with pytest.raises(MethodConfigError, match="integer >= 1"):
-        check_int("m", "x", True, 1)
-    with pytest.raises(MethodConfigError, match=r"in \(0, 1\)"):
-        check_float("m", "x", 1.0, 0.0, 1.0, open_low=True, open_high=True)
-    with pytest.raises(MethodConfigError):
-        check_float("m", "x", float("nan"), 0.0)
-    check_float("m", "x", 0.5, 0.0, 1.0)
-    check_int("m", "x", 3, 1)
