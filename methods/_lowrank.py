@@ -8,9 +8,10 @@
   r (C k^2 + N) instead of N C k^2); a linear m x d becomes ``Linear(d, r)`` then ``Linear(r, m)``.
   The original bias goes on the second layer.
 - Rank allocation for a whole-model params ratio (:func:`allocate_ranks`): the same fraction of
-  each layer's full rank (``uniform``) or one global singular-value energy threshold (``energy``),
-  solved by bisection on that fraction/threshold and then topped up one rank at a time, so that the
-  achieved ``count_params(dense) / count_params(compressed)`` lands within the target's tolerance.
+  each layer's full rank (``uniform``) or one global singular-value energy threshold (``energy``;
+  the policies live in :mod:`methods._allocation`), solved by bisection on that
+  fraction/threshold and then topped up one rank at a time, so that the achieved
+  ``count_params(dense) / count_params(compressed)`` lands within the target's tolerance.
 """
 
 from __future__ import annotations
@@ -23,18 +24,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from methods._allocation import Allocation, get_allocation
 from methods.base import CompressionWarning, MethodConfigError, Target
 
 __all__ = [
-    "ALLOCATIONS",
     "LayerInfo",
     "LowRank",
     "RankPlan",
     "allocate_ranks",
     "balance",
     "build_lowrank",
-    "energy_fractions",
     "factorisable_layers",
+    "layer_profiles",
     "out_of_reach",
     "set_module",
     "solve_fraction",
@@ -42,8 +43,6 @@ __all__ = [
     "warn_adjusted",
     "weight_matrix",
 ]
-
-ALLOCATIONS = ("uniform", "energy")
 
 
 # ------------------------------------------------------------------------------------ layers
@@ -267,13 +266,19 @@ def warn_adjusted(method: str, clamped: Sequence[str], dense: Sequence[str]) -> 
         )
 
 
-def energy_fractions(spectrum: torch.Tensor) -> torch.Tensor:
-    """Cumulative fraction of squared singular values, kept by ranks 1..len (last entry 1)."""
-    energy = spectrum.detach().cpu().double().square()  # CPU: bisection probes it many times
-    total = energy.sum()
-    if total <= 0:
-        return torch.ones_like(energy)
-    return (energy.cumsum(0) / total).clamp_max(1.0)
+def layer_profiles(
+    policy: Allocation, spectra: Sequence[torch.Tensor] | None, n_layers: int
+) -> list[torch.Tensor | None]:
+    """Each layer's profile under ``policy`` (:meth:`Allocation.layer_profile`), computed once.
+
+    Raises:
+        ValueError: the policy needs a spectrum per layer and ``spectra`` does not give one.
+    """
+    if not policy.needs_spectrum:
+        return [None] * n_layers
+    if spectra is None or len(spectra) != n_layers:
+        raise ValueError(f"{policy.name} allocation needs one singular-value spectrum per layer")
+    return [policy.layer_profile(s) for s in spectra]
 
 
 def allocate_ranks(
@@ -302,17 +307,11 @@ def allocate_ranks(
         MethodConfigError: the ratio is out of reach, or cannot be met within tolerance, or the
             rates do not match the layer count.
     """
-    if allocation not in ALLOCATIONS:
-        raise MethodConfigError(f"{method}: allocation {allocation!r} is not one of {ALLOCATIONS}")
-    if allocation == "energy" and (spectra is None or len(spectra) != len(layers)):
-        raise ValueError("energy allocation needs one singular-value spectrum per layer")
-    fractions = [energy_fractions(s) for s in spectra] if allocation == "energy" else []
+    policy = get_allocation(allocation, method=method)
+    profiles = layer_profiles(policy, spectra, len(layers))
 
     def raw_ranks(t: float) -> list[int]:
-        if allocation == "uniform":
-            return [round(t * layer.full_rank) for layer in layers]
-        # smallest r whose kept-energy fraction reaches t (1e-12: t = 1 must reach full rank)
-        return [int(torch.searchsorted(f, t - 1e-12)) + 1 for f in fractions]
+        return [policy.rank_at(t, la.full_rank, p) for la, p in zip(layers, profiles)]
 
     def clamp(raw: list[int]) -> list[int]:
         return [min(max(r, 1), layer.full_rank) for r, layer in zip(raw, layers)]
@@ -331,7 +330,8 @@ def allocate_ranks(
             raise out_of_reach(method, target.ratio, total_params / floor)
         t = solve_fraction(lambda t: total_params + weights_of(clamp(raw_ranks(t))), budget)
         raw = raw_ranks(t)
-        ranks = _fill(layers, clamp(raw), budget - total_params - weights_of(clamp(raw)), fractions)
+        room = budget - total_params - weights_of(clamp(raw))
+        ranks = _fill(layers, clamp(raw), room, policy, profiles)
         achieved = total_params / (total_params + weights_of(ranks))
         if abs(achieved / target.ratio - 1.0) > target.tolerance:
             raise MethodConfigError(
@@ -349,14 +349,18 @@ def allocate_ranks(
 
 
 def _fill(
-    layers: Sequence[LayerInfo], ranks: list[int], room: float, fractions: Sequence[torch.Tensor]
+    layers: Sequence[LayerInfo],
+    ranks: list[int],
+    room: float,
+    policy: Allocation,
+    profiles: Sequence[torch.Tensor | None],
 ) -> list[int]:
     """Raise ranks one step at a time while the next step fits in ``room`` (weight values).
 
     Bisection stops at a step of the params-vs-fraction staircase, where many layers may jump at
-    once; this closes the gap. Uniform raises the layer with the lowest rank fraction, energy the
-    one whose next singular value holds the most energy. A step past the last saving rank makes the
-    layer dense.
+    once; this closes the gap. The policy's ``step_key`` says which layer goes first (uniform: the
+    lowest rank fraction; energy: the next singular value holding the most energy). A step past the
+    last saving rank makes the layer dense.
     """
     ranks = list(ranks)
     while True:
@@ -368,11 +372,7 @@ def _fill(
             cost = layer.cost(nxt) - layer.cost(r)
             if cost > room:
                 continue
-            key = (
-                -float(fractions[i][r] - fractions[i][r - 1])
-                if fractions
-                else nxt / layer.full_rank
-            )
+            key = policy.step_key(r, nxt, layer.full_rank, profiles[i])
             if key < best_key:
                 best, best_key, best_cost = i, key, cost
         if best < 0:

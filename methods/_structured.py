@@ -4,7 +4,7 @@ Three things kept apart, as in Torch-Pruning: the *structure* (which conv filter
 else must shrink with them: BN, the next conv's input channels, a linear layer's inputs), the
 *criterion* (a per-filter importance score, supplied by each method) and the *policy* (how many
 filters each layer keeps: explicit per-layer rates, or a params-ratio target solved by bisection
-with a ``uniform`` or ``global`` allocation).
+with a ``uniform`` or ``global`` allocation, :mod:`methods._allocation`).
 
 The structure (which convs are prunable, the graph, the surgery) lives in
 :mod:`methods._structured_graph` and is re-exported here; this module holds the policy, the ratio
@@ -19,8 +19,10 @@ from collections.abc import Sequence
 
 import torch
 import torch_pruning as tp
+from optuna.distributions import CategoricalDistribution
 from torch import nn
 
+from methods._allocation import get_allocation
 from methods._modules import example_input
 from methods._structured_graph import (
     build_graph,
@@ -39,10 +41,8 @@ from methods.base import (
 )
 
 __all__ = [
-    "ALLOCATIONS",
     "StructuredPruning",
     "build_graph",
-    "check_allocation",
     "copy_with_graph",
     "following_batchnorm",
     "kept_count",
@@ -55,21 +55,11 @@ __all__ = [
     "top_filters",
 ]
 
-ALLOCATIONS = ("uniform", "global")
-
 # Guards ceil(n * (1 - p)) against float noise: 100 * (1 - 0.7) = 30.000000000000004 must keep 30.
 _CEIL_EPS = 1e-9
 
 
 # --------------------------------------------------------------------------------------- policy
-def check_allocation(allocation: str) -> None:
-    """Raise a one-line ``MethodConfigError`` unless ``allocation`` is a known policy."""
-    if allocation not in ALLOCATIONS:
-        raise MethodConfigError(
-            f"allocation {allocation!r} is unknown: use one of {', '.join(ALLOCATIONS)}"
-        )
-
-
 def kept_count(n: int, rate: float) -> int:
     """Filters kept at pruning rate ``rate``: ``ceil(n * (1 - rate))``, at least 1."""
     return max(1, math.ceil(n * (1.0 - rate) - _CEIL_EPS))
@@ -90,24 +80,17 @@ def top_filters(scores: Sequence[torch.Tensor], counts: Sequence[int]) -> list[t
 def removal_order(scores: Sequence[torch.Tensor], allocation: str) -> list[int]:
     """The layer index of each successive single-filter removal (each layer keeps at least one).
 
-    Within a layer, filters go in ascending score. Across layers:
+    Within a layer, filters go in ascending score. Across layers, in ascending key of the
+    ``allocation`` policy (:meth:`methods._allocation.Allocation.removal_keys`), ties to the lower
+    layer:
 
     - ``uniform``: the j-th filter of an n-filter layer goes at rate j / n, so the first m removals
       interpolate between uniform rates one filter at a time;
     - ``global``: ascending score normalised by the layer's mean score (one global threshold;
       scores are non-negative, as L1 norms, energies and uniform draws are).
     """
-    check_allocation(allocation)
-    keys: list[tuple[float, int]] = []
-    for layer, s in enumerate(scores):
-        n = len(s)
-        if allocation == "uniform":
-            keys += [(j / n, layer) for j in range(1, n)]
-        else:
-            s = s.detach().cpu().double()
-            normalised = s / s.mean() if s.mean() > 0 else s
-            # the layer's best filter is never removed; the rest leave lowest score first
-            keys += [(float(v), layer) for v in normalised.sort().values[:-1]]
+    policy = get_allocation(allocation)
+    keys = [(key, layer) for layer, s in enumerate(scores) for key in policy.removal_keys(s)]
     return [layer for _, layer in sorted(keys)]
 
 
@@ -234,16 +217,26 @@ def reinit_bn_and_classifier(model: nn.Module) -> None:
 class StructuredPruning(CompressionMethod):
     """Base of the filter-pruning methods: subclasses give a criterion, this class does the rest.
 
-    Subclasses implement :meth:`filter_scores` and set ``self.allocation`` (and optionally
-    ``self.reinit_bn``) in ``__init__``. ``compress`` then finds the prunable convs, scores them,
-    picks the filters (per-layer rates when the target has them, else the ratio solved by
-    bisection under ``allocation``; explicit rates ignore ``allocation``), removes the rest with
-    torch-pruning, and remembers a per-layer table.
+    Subclasses implement :meth:`filter_scores`; one with more arguments than ``allocation`` checks
+    and stores them in its own ``__init__`` and calls ``super().__init__(allocation)`` (and may set
+    ``self.reinit_bn``). ``compress`` then finds the prunable convs, scores them, picks the filters
+    (per-layer rates when the target has them, else the ratio solved by bisection under
+    ``allocation``; explicit rates ignore ``allocation``), removes the rest with torch-pruning, and
+    remembers a per-layer table.
+
+    Args:
+        allocation: ``"uniform"`` (one rate for all prunable layers) or ``"global"`` (one
+            threshold over scores divided by their layer's mean score); ratio targets only.
     """
 
     structured = True
-    allocation: str = "uniform"
+    allocations = ("uniform", "global")
+    search_space = {"allocation": CategoricalDistribution(list(allocations))}
     reinit_bn: bool = False
+
+    def __init__(self, allocation: str = "uniform") -> None:
+        get_allocation(allocation, method=self.name, supported=self.allocations)
+        self.allocation = allocation
 
     def filter_scores(
         self,

@@ -38,12 +38,7 @@ from torch import nn
 
 from methods._checks import check_bool, check_choice, check_float, check_int
 from methods._dct import dct2, low_band_mask
-from methods._structured import (
-    ALLOCATIONS,
-    StructuredPruning,
-    check_allocation,
-    following_batchnorm,
-)
+from methods._structured import StructuredPruning, following_batchnorm
 from methods.base import CalibData, MethodConfigError, register_method
 
 __all__ = ["BANDS", "DCTPruning", "dct_band_energy"]
@@ -86,7 +81,7 @@ class DCTPruning(StructuredPruning):
         "band": CategoricalDistribution(list(BANDS)),
         "band_fraction": FloatDistribution(0.25, 1.0),
         "calib_batches": IntDistribution(1, 10),
-        "allocation": CategoricalDistribution(list(ALLOCATIONS)),
+        **StructuredPruning.search_space,  # allocation
     }
 
     def __init__(
@@ -100,12 +95,11 @@ class DCTPruning(StructuredPruning):
         check_choice(self.name, "band", band, BANDS)
         check_float(self.name, "band_fraction", band_fraction, 0.0, 1.0, open_low=True)
         check_int(self.name, "calib_batches", calib_batches, 1)
-        check_allocation(allocation)
+        super().__init__(allocation)
         check_bool(self.name, "reinit_bn", reinit_bn)
         self.band = band
         self.band_fraction = band_fraction
         self.calib_batches = calib_batches
-        self.allocation = allocation
         self.reinit_bn = reinit_bn
 
     def filter_scores(

@@ -42,10 +42,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from methods._allocation import get_allocation
 from methods._checks import check_bool, check_choice, check_float, check_int
 from methods._dct import dct2, idct2
 from methods._lowrank import (
-    ALLOCATIONS,
     LayerInfo,
     LowRank,
     allocate_ranks,
@@ -171,13 +171,14 @@ class FreqLowRank(CompressionMethod):
 
     name = "freq_lowrank"
     family = "frequency"
+    allocations = ("uniform", "energy")
     search_space = {
         "lam": od.FloatDistribution(1e-7, 1e-3, log=True),
         "freq_weight": od.CategoricalDistribution([True, False]),
         "threshold": od.FloatDistribution(0.0, 0.1),
         "sampler": od.CategoricalDistribution(list(SAMPLERS)),
         "gamma": od.FloatDistribution(0.5, 0.95),
-        "allocation": od.CategoricalDistribution(list(ALLOCATIONS)),
+        "allocation": od.CategoricalDistribution(list(allocations)),
         "sparsify_epochs": od.FloatDistribution(0.25, 4.0, log=True),
         "epochs_per_round": od.FloatDistribution(0.25, 2.0, log=True),
     }
@@ -219,7 +220,7 @@ class FreqLowRank(CompressionMethod):
         check_choice(n, "sampler", sampler, SAMPLERS)
         check_float(n, "gamma", gamma, 0.0, 1.0, open_low=True, open_high=True)
         check_float(n, "epochs_per_round", epochs_per_round, 0.0)
-        check_choice(n, "allocation", allocation, ALLOCATIONS)
+        get_allocation(allocation, method=n, supported=self.allocations)
         check_float(n, "start_fraction", start_fraction, 0.0, 1.0, open_low=True)
         check_int(n, "max_rounds", max_rounds, 1)
         self.lam = lam
@@ -267,7 +268,7 @@ class FreqLowRank(CompressionMethod):
             finetune(model, self.sparsify_epochs, regularizer=self.regularize)
         self._hard_threshold(model, layers)
         spectra = None
-        if self.allocation == "energy":
+        if get_allocation(self.allocation).needs_spectrum:
             with torch.no_grad():
                 spectra = [torch.linalg.svdvals(self._matrix(model, la).double()) for la in layers]
         final = allocate_ranks(

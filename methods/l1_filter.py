@@ -23,10 +23,9 @@ from collections.abc import Sequence
 
 import torch
 import torch_pruning as tp
-from optuna.distributions import CategoricalDistribution
 from torch import nn
 
-from methods._structured import ALLOCATIONS, StructuredPruning, check_allocation
+from methods._structured import StructuredPruning
 from methods.base import CalibData, register_method
 
 __all__ = ["L1Filter"]
@@ -43,11 +42,6 @@ class L1Filter(StructuredPruning):
 
     name = "l1_filter"
     family = "spatial"
-    search_space = {"allocation": CategoricalDistribution(list(ALLOCATIONS))}
-
-    def __init__(self, allocation: str = "uniform") -> None:
-        check_allocation(allocation)
-        self.allocation = allocation
 
     def filter_scores(
         self,

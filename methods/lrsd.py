@@ -42,15 +42,15 @@ import optuna.distributions as od
 import torch
 from torch import nn
 
-from methods._checks import check_choice, check_float, check_int
+from methods._allocation import get_allocation
+from methods._checks import check_float, check_int
 from methods._lowrank import (
-    ALLOCATIONS,
     LayerInfo,
     allocate_ranks,
     balance,
     build_lowrank,
-    energy_fractions,
     factorisable_layers,
+    layer_profiles,
     out_of_reach,
     set_module,
     solve_fraction,
@@ -169,20 +169,11 @@ def plan_splits(
     smallest r_l whose share of ``spectra[l]``'s squared values reaches t (one t for the model).
     ``target.layer_rates`` set t per layer (t = 1 - rate, uniform).
     """
-    if allocation == "energy" and (spectra is None or len(spectra) != len(layers)):
-        raise ValueError("energy allocation needs one spectrum per layer")
-    fractions = [energy_fractions(sp) for sp in spectra] if allocation == "energy" else []
+    policy = get_allocation(allocation, method=method)
+    profiles = layer_profiles(policy, spectra, len(layers))
 
     def rank_at(i: int, t: float) -> float:
-        if allocation == "uniform":
-            return t * layers[i].full_rank
-        # the cumulative energy curve inverted piecewise-linearly: a continuous rank, so the
-        # budget (and the nonzeros that fill it) moves smoothly with t and bisection meets 2 %
-        f = fractions[i]
-        j = min(int(torch.searchsorted(f, t)), len(f) - 1)
-        lo = float(f[j - 1]) if j > 0 else 0.0
-        hi = float(f[j])
-        return j + (min(max((t - lo) / (hi - lo), 0.0), 1.0) if hi > lo else 1.0)
+        return policy.smooth_rank_at(t, layers[i].full_rank, profiles[i])
 
     def splits_at(levels: list[float]) -> list[tuple[Split, bool]]:
         return [
@@ -205,7 +196,7 @@ def plan_splits(
         return [None if r is None else Split(r, 0) for r in plan.ranks]
     if target.layer_rates is not None:
         target.check_layer_count(len(layers), "factorisable layers")
-        allocation = "uniform"  # explicit rates are fractions of each layer's full rank
+        policy = get_allocation("uniform")  # explicit rates are fractions of each full rank
         splits = splits_at([1.0 - p for p in target.layer_rates])
     else:
         budget = total_params / target.ratio
@@ -242,11 +233,12 @@ class LRSD(CompressionMethod):
     family = "spatial"
     # the sparse branch is a masked dense layer: its dense params and MACs do not drop
     structured = False
+    allocations = ("uniform", "energy")
     search_space = {
         "sparse_share": od.FloatDistribution(0.0, 1.0),
         "rank_step": od.IntDistribution(4, 64, log=True),
         "n_samples": od.IntDistribution(64, 512, log=True),
-        "allocation": od.CategoricalDistribution(list(ALLOCATIONS)),
+        "allocation": od.CategoricalDistribution(list(allocations)),
     }
 
     def __init__(
@@ -279,7 +271,7 @@ class LRSD(CompressionMethod):
         check_int(self.name, "power_iters", power_iters, 1)
         check_int(self.name, "solver_iters", solver_iters, 1)
         check_float(self.name, "eps", eps, 0.0, 1.0)
-        check_choice(self.name, "allocation", allocation, ALLOCATIONS)
+        get_allocation(allocation, method=self.name, supported=self.allocations)
         self.sparse_share = sparse_share
         self.rank_step = rank_step
         self.n_samples = n_samples
@@ -300,7 +292,7 @@ class LRSD(CompressionMethod):
         run = modules_in_run_order(model, example, (nn.Conv2d, nn.Linear))
         reached = [name for name, _ in run if name in wanted]
         spectra = None
-        if self.allocation == "energy" and target.layer_rates is None:
+        if get_allocation(self.allocation).needs_spectrum and target.layer_rates is None:
             spectra = [self._output_spectrum(model, layer.name, reached, data) for layer in layers]
         splits = plan_splits(
             layers,

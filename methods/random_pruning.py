@@ -24,10 +24,9 @@ from collections.abc import Sequence
 
 import torch
 import torch_pruning as tp
-from optuna.distributions import CategoricalDistribution
 from torch import nn
 
-from methods._structured import ALLOCATIONS, StructuredPruning, check_allocation
+from methods._structured import StructuredPruning
 from methods.base import CalibData, register_method
 
 __all__ = ["RandomPruning"]
@@ -44,11 +43,6 @@ class RandomPruning(StructuredPruning):
 
     name = "random"
     family = "spatial"
-    search_space = {"allocation": CategoricalDistribution(list(ALLOCATIONS))}
-
-    def __init__(self, allocation: str = "uniform") -> None:
-        check_allocation(allocation)
-        self.allocation = allocation
 
     def filter_scores(
         self,

@@ -28,9 +28,9 @@ import optuna.distributions as od
 import torch
 from torch import nn
 
-from methods._checks import check_bool, check_choice
+from methods._allocation import get_allocation
+from methods._checks import check_bool
 from methods._lowrank import (
-    ALLOCATIONS,
     LowRank,
     allocate_ranks,
     build_lowrank,
@@ -56,7 +56,8 @@ class SVD(CompressionMethod):
 
     name = "svd"
     family = "spatial"
-    search_space = {"allocation": od.CategoricalDistribution(list(ALLOCATIONS))}
+    allocations = ("uniform", "energy")
+    search_space = {"allocation": od.CategoricalDistribution(list(allocations))}
 
     def __init__(self, allocation: str = "uniform", include_linear: bool = True) -> None:
         """
@@ -65,7 +66,7 @@ class SVD(CompressionMethod):
                 threshold on each layer's kept share of squared singular values).
             include_linear: factorise linear layers too (convs always).
         """
-        check_choice(self.name, "allocation", allocation, ALLOCATIONS)
+        get_allocation(allocation, method=self.name, supported=self.allocations)
         check_bool(self.name, "include_linear", include_linear)
         self.allocation = allocation
         self.include_linear = include_linear

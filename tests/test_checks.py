@@ -5,7 +5,7 @@ import math
 import pytest
 
 from methods._checks import check_bool, check_choice, check_float, check_int
-from methods.base import MethodConfigError
+from methods.base import MethodConfigError, create_method, get_method_class, list_methods
 
 
 def test_argument_checks_raise_one_line_errors():
@@ -30,3 +30,15 @@ def test_float_check_refuses_infinity_and_says_the_interval():
         check_float("m", "x", "1", 0.0, 1.0)
     with pytest.raises(MethodConfigError, match=r"^x=2 must be an integer >= 3$"):
         check_int("", "x", 2, 3)  # no method: no prefix
+
+
+ALLOCATING = [
+    n for n in list_methods() if "allocation" in get_method_class(n).hyperparameter_defaults()
+]
+
+
+@pytest.mark.parametrize("name", ALLOCATING)
+def test_every_method_words_a_bad_allocation_alike(name):
+    with pytest.raises(MethodConfigError) as info:
+        create_method(name, allocation="nope")
+    assert str(info.value).startswith(f"{name}: allocation='nope' must be one of ")

@@ -15,6 +15,7 @@ import bench.models
 import methods
 import methods._structured as structured
 from bench.footprint import count_macs
+from methods._allocation import get_allocation
 from methods._modules import example_input
 from methods._structured import (
     build_graph,
@@ -191,8 +192,9 @@ def test_removal_order_global_ranks_normalised_scores_across_layers():
     scores = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 100.0, 190.0])]
     # normalised: [0.5, 1.0, 1.5] and [0.1, 1.0, 1.9]; each layer's best stays
     assert removal_order(scores, "global") == [1, 0, 0, 1]
-    with pytest.raises(MethodConfigError, match="allocation 'x' is unknown"):
+    with pytest.raises(MethodConfigError, match="allocation='x' must be one of 'uniform'"):
         removal_order(scores, "x")
+    assert get_allocation("global").removal_keys(scores[1]) == pytest.approx([0.1, 1.0])
 
 
 # ------------------------------------------------------------------------------------ surgery
@@ -283,7 +285,8 @@ def test_layer_rates_of_the_wrong_length_are_rejected(name):
 
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_bad_hyperparameters_are_rejected_in_one_line(name):
-    with pytest.raises(MethodConfigError, match="allocation 'layerwise' is unknown") as info:
+    expected = f"{name}: allocation='layerwise' must be one of 'uniform', 'global'"
+    with pytest.raises(MethodConfigError, match=expected) as info:
         create_method(name, allocation="layerwise")
     assert "\n" not in str(info.value)
     with pytest.raises(MethodConfigError, match="has no hyperparameter 'rate'"):
