@@ -50,9 +50,9 @@ def variant(cls, *, invert: bool = False):
     the lowest-scoring filters instead of the highest (scores stay >= 0)."""
 
     class Variant(cls):
-        def filter_scores(self, model, layers, data, graph):
-            scores = super().filter_scores(model, layers, data, graph)
-            l1 = [conv.weight.detach().abs().sum(dim=(1, 2, 3)) for _, conv in layers]
+        def filter_scores(self, prunable):
+            scores = super().filter_scores(prunable)
+            l1 = [conv.weight.detach().abs().sum(dim=(1, 2, 3)) for _, conv in prunable.layers]
             self.seen = list(zip(scores, l1, strict=True))
             return [s.max() - s for s in scores] if invert else scores
 

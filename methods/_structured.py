@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
@@ -41,6 +42,7 @@ from methods.base import (
 )
 
 __all__ = [
+    "PrunableModel",
     "StructuredPruning",
     "build_graph",
     "copy_with_graph",
@@ -214,6 +216,23 @@ def reinit_bn_and_classifier(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------- method
+@dataclass(frozen=True)
+class PrunableModel:
+    """What a filter criterion may look at (:meth:`StructuredPruning.filter_scores`).
+
+    Attributes:
+        model: the dense model, unpruned, in eval mode.
+        layers: its prunable convs ``(name, conv)`` in forward order; one score vector each.
+        data: training-split calibration batches.
+        graph: torch-pruning's dependency graph of ``model`` (e.g. which BN follows a conv).
+    """
+
+    model: nn.Module
+    layers: Sequence[tuple[str, nn.Conv2d]]
+    data: CalibData
+    graph: tp.DependencyGraph
+
+
 class StructuredPruning(CompressionMethod):
     """Base of the filter-pruning methods: subclasses give a criterion, this class does the rest.
 
@@ -238,14 +257,8 @@ class StructuredPruning(CompressionMethod):
         get_allocation(allocation, method=self.name, supported=self.allocations)
         self.allocation = allocation
 
-    def filter_scores(
-        self,
-        model: nn.Module,
-        layers: Sequence[tuple[str, nn.Conv2d]],
-        data: CalibData,
-        graph: tp.DependencyGraph,
-    ) -> list[torch.Tensor]:
-        """Per layer, one non-negative score per filter (a 1-D tensor; higher = keep)."""
+    def filter_scores(self, prunable: PrunableModel) -> list[torch.Tensor]:
+        """Per prunable layer, one non-negative score per filter (a 1-D tensor; higher = keep)."""
         raise NotImplementedError
 
     def compress(
@@ -262,7 +275,8 @@ class StructuredPruning(CompressionMethod):
         target.check_layer_count(len(layers), "prunable convs")
         names = [name for name, _ in layers]
         sizes = [conv.out_channels for _, conv in layers]
-        scores = [s.detach().double().cpu() for s in self.filter_scores(model, layers, data, graph)]
+        prunable = PrunableModel(model, layers, data, graph)
+        scores = [s.detach().double().cpu() for s in self.filter_scores(prunable)]
         for name, n, s in zip(names, sizes, scores):
             if s.shape != (n,):
                 raise RuntimeError(

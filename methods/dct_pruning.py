@@ -29,17 +29,14 @@ ReLU-rectified stand-in for any other activation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch_pruning as tp
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import nn
 
 from methods._checks import check_bool, check_choice, check_float, check_int
 from methods._dct import dct2, low_band_mask
-from methods._structured import StructuredPruning, following_batchnorm
-from methods.base import CalibData, MethodConfigError, register_method
+from methods._structured import PrunableModel, StructuredPruning, following_batchnorm
+from methods.base import MethodConfigError, register_method
 
 __all__ = ["BANDS", "DCTPruning", "dct_band_energy"]
 
@@ -102,14 +99,9 @@ class DCTPruning(StructuredPruning):
         self.calib_batches = calib_batches
         self.reinit_bn = reinit_bn
 
-    def filter_scores(
-        self,
-        model: nn.Module,
-        layers: Sequence[tuple[str, nn.Conv2d]],
-        data: CalibData,
-        graph: tp.DependencyGraph,
-    ) -> list[torch.Tensor]:
+    def filter_scores(self, prunable: PrunableModel) -> list[torch.Tensor]:
         """Mean per-image band energy of each prunable conv's post-ReLU output channels."""
+        model, layers = prunable.model, prunable.layers
         totals: list[torch.Tensor | None] = [None] * len(layers)
 
         def hook_for(index: int):
@@ -121,7 +113,7 @@ class DCTPruning(StructuredPruning):
 
         hooks = []
         for index, (_, conv) in enumerate(layers):
-            bn = following_batchnorm(graph, conv)
+            bn = following_batchnorm(prunable.graph, conv)
             hooks.append((bn if bn is not None else conv).register_forward_hook(hook_for(index)))
         device = next(model.parameters()).device
         images = 0
@@ -129,7 +121,7 @@ class DCTPruning(StructuredPruning):
         try:
             model.eval()
             with torch.no_grad():
-                for x, _ in data.take(self.calib_batches):
+                for x, _ in prunable.data.take(self.calib_batches):
                     model(x.to(device))
                     images += len(x)
         finally:

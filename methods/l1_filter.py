@@ -19,14 +19,10 @@ option, not the paper's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch_pruning as tp
-from torch import nn
 
-from methods._structured import StructuredPruning
-from methods.base import CalibData, register_method
+from methods._structured import PrunableModel, StructuredPruning
+from methods.base import register_method
 
 __all__ = ["L1Filter"]
 
@@ -43,12 +39,6 @@ class L1Filter(StructuredPruning):
     name = "l1_filter"
     family = "spatial"
 
-    def filter_scores(
-        self,
-        model: nn.Module,
-        layers: Sequence[tuple[str, nn.Conv2d]],
-        data: CalibData,
-        graph: tp.DependencyGraph,
-    ) -> list[torch.Tensor]:
+    def filter_scores(self, prunable: PrunableModel) -> list[torch.Tensor]:
         """The L1 norm of each filter's weights (data is not used)."""
-        return [conv.weight.detach().abs().sum(dim=(1, 2, 3)) for _, conv in layers]
+        return [conv.weight.detach().abs().sum(dim=(1, 2, 3)) for _, conv in prunable.layers]

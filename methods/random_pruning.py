@@ -20,14 +20,10 @@ whenever ``methods/`` is the script directory (``import torch`` then fails). The
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch_pruning as tp
-from torch import nn
 
-from methods._structured import StructuredPruning
-from methods.base import CalibData, register_method
+from methods._structured import PrunableModel, StructuredPruning
+from methods.base import register_method
 
 __all__ = ["RandomPruning"]
 
@@ -44,14 +40,8 @@ class RandomPruning(StructuredPruning):
     name = "random"
     family = "spatial"
 
-    def filter_scores(
-        self,
-        model: nn.Module,
-        layers: Sequence[tuple[str, nn.Conv2d]],
-        data: CalibData,
-        graph: tp.DependencyGraph,
-    ) -> list[torch.Tensor]:
+    def filter_scores(self, prunable: PrunableModel) -> list[torch.Tensor]:
         """Uniform [0, 1) scores from a private generator seeded under the global seed."""
         seed = int(torch.randint(0, 2**62, ()).item())
         gen = torch.Generator().manual_seed(seed)
-        return [torch.rand(conv.out_channels, generator=gen) for _, conv in layers]
+        return [torch.rand(conv.out_channels, generator=gen) for _, conv in prunable.layers]

@@ -16,7 +16,7 @@ import bench.models
 from bench.footprint import count_macs
 from methods._dct import idct2
 from methods._modules import example_input
-from methods._structured import build_graph, prunable_convs
+from methods._structured import PrunableModel, build_graph, prunable_convs
 from methods.base import (
     CalibData,
     MethodConfigError,
@@ -65,7 +65,8 @@ def scores(model: nn.Module, calib: CalibData, **hp) -> list[torch.Tensor]:
     example = example_input(model, SHAPE)
     graph = build_graph(model, example)
     layers = prunable_convs(model, example, graph=graph)
-    return create_method("dct_pruning", **hp).filter_scores(model, layers, calib, graph)
+    prunable = PrunableModel(model, layers, calib, graph)
+    return create_method("dct_pruning", **hp).filter_scores(prunable)
 
 
 def post_relu_maps(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
