@@ -17,7 +17,7 @@ from torch import nn
 from bench import footprint
 from bench.tracking import RunHandle
 from bench.training import evaluate, recalibrate_bn, train
-from methods.base import CalibData, CompressionWarning, Target, create_method
+from methods.base import CalibData, CompressionWarning, Target, create_method, stored_params
 
 __all__ = ["compress_finetune_measure"]
 
@@ -129,7 +129,7 @@ def compress_finetune_measure(
         m["test_top1"] = test["top1"]
         if "top5" in test:
             m["test_top5"] = test["top5"]
-    fp = sweep._measure(compressed, compressor.stored_params(compressed), latency=False)
+    fp = sweep._measure(compressed, stored_params(compressed), latency=False)
     lat = sweep.study.latency
     # the dense and compressed models timed interleaved, now, under the same machine state
     dense_ms, compressed_ms = footprint.compare_latency(

@@ -164,8 +164,8 @@ def measure(
     """Params, stored params, MACs and (optionally) latency of ``model``.
 
     Args:
-        stored: stored-parameter count from the method's ``stored_params`` hook; defaults to the
-            generic count.
+        stored: a stored-parameter count already taken (e.g. before ``model`` was copied);
+            defaults to ``stored_params(model)``.
     """
     return Footprint(
         params=count_params(model),

@@ -32,6 +32,7 @@ from methods.base import (
     count_params,
     create_method,
     get_method_class,
+    stored_params,
 )
 
 __all__ = [
@@ -136,7 +137,7 @@ class ContractCase:
 
 
 def _achieved(method: CompressionMethod, dense: nn.Module, compressed: nn.Module) -> float:
-    return count_params(dense) / method.stored_params(compressed)
+    return count_params(dense) / stored_params(compressed)
 
 
 def check_ratio(case: ContractCase) -> None:
@@ -192,14 +193,14 @@ def check_hyperparameters(case: ContractCase) -> None:
 
 def check_survives_finetune(case: ContractCase) -> None:
     method, dense, compressed = case.compress()
-    before_stored = method.stored_params(compressed)
+    before_stored = stored_params(compressed)
     before_params = count_params(compressed)
     shapes = {k: tuple(v.shape) for k, v in compressed.state_dict().items()}
     data = case.data()
     SyntheticFinetune(data, lr=0.05)(compressed, 2.0, regularizer=method.regularize)
-    assert method.stored_params(compressed) == before_stored, (
+    assert stored_params(compressed) == before_stored, (
         f"{case.method}: stored params changed under fine-tuning "
-        f"({before_stored} -> {method.stored_params(compressed)}): masks or patterns were lost"
+        f"({before_stored} -> {stored_params(compressed)}): masks or patterns were lost"
     )
     assert count_params(compressed) == before_params
     after = {k: tuple(v.shape) for k, v in compressed.state_dict().items()}

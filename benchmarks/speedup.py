@@ -38,6 +38,7 @@ from methods.base import (
     count_params,
     create_method,
     no_finetune,
+    stored_params,
 )
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 {
                     **row,
-                    "params ratio": count_params(dense) / method.stored_params(model),
+                    "params ratio": count_params(dense) / stored_params(model),
                     "MACs speedup": macs_speedup,
                     "latency speedup": latency_speedup,
                     "latency / MACs": latency_speedup / macs_speedup,

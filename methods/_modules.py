@@ -3,16 +3,20 @@
 - :func:`example_input`: an all-zeros batch to trace a model with.
 - :func:`modules_in_run_order`: the modules of some types in the order a forward pass first calls
   them (which is not the order they are registered in).
+- :func:`note_layers` / :func:`noted_layers`: facts a method records on the layers it compressed,
+  as plain attributes of those modules, so that its ``layer_table`` reads them from the model it is
+  given (a deep copy, a pickled model, a fresh method instance) rather than from the method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["example_input", "modules_in_run_order"]
+__all__ = ["example_input", "modules_in_run_order", "note_layers", "noted_layers"]
 
 
 def example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
@@ -48,3 +52,29 @@ def modules_in_run_order(
         for hook in hooks:
             hook.remove()
     return [(names[m], m) for m in order]
+
+
+def note_layers(
+    layers: Sequence[tuple[str, nn.Module]],
+    key: str,
+    facts: Sequence[Mapping[str, Any]] | None = None,
+) -> None:
+    """Record on each module of ``layers`` its position in that list and its ``facts``.
+
+    The record is a plain attribute ``key`` of the module: it survives ``copy.deepcopy``, pickling
+    and fine-tuning, and stays out of the state dict (no checkpoint changes shape).
+    """
+    for position, (_, module) in enumerate(layers):
+        extra = facts[position] if facts is not None else {}
+        setattr(module, key, {"position": position, **extra})
+
+
+def noted_layers(model: nn.Module, key: str) -> list[tuple[str, nn.Module, dict[str, Any]]]:
+    """``(name, module, facts)`` of every module of ``model`` noted under ``key``, in the order
+    they were noted (see :func:`note_layers`)."""
+    noted = [
+        (name, module, dict(getattr(module, key)))
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, key, None), dict)
+    ]
+    return sorted(noted, key=lambda item: item[2]["position"])

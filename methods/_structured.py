@@ -24,7 +24,7 @@ from optuna.distributions import CategoricalDistribution
 from torch import nn
 
 from methods._allocation import get_allocation
-from methods._modules import example_input
+from methods._modules import example_input, note_layers, noted_layers
 from methods._structured_graph import (
     build_graph,
     copy_with_graph,
@@ -59,6 +59,8 @@ __all__ = [
 
 # Guards ceil(n * (1 - p)) against float noise: 100 * (1 - 0.7) = 30.000000000000004 must keep 30.
 _CEIL_EPS = 1e-9
+# The attribute that filter pruning notes on each conv it pruned (methods._modules.note_layers).
+_NOTE = "filter_pruning"
 
 
 # --------------------------------------------------------------------------------------- policy
@@ -241,7 +243,7 @@ class StructuredPruning(CompressionMethod):
     ``self.reinit_bn``). ``compress`` then finds the prunable convs, scores them, picks the filters
     (per-layer rates when the target has them, else the ratio solved by bisection under
     ``allocation``; explicit rates ignore ``allocation``), removes the rest with torch-pruning, and
-    remembers a per-layer table.
+    notes on each pruned conv its filter count before pruning (read back by :meth:`layer_table`).
 
     Args:
         allocation: ``"uniform"`` (one rate for all prunable layers) or ``"global"`` (one
@@ -298,12 +300,20 @@ class StructuredPruning(CompressionMethod):
         prune_filters(model, example, names, top_filters(scores, counts), graph=graph)
         if self.reinit_bn:
             reinit_bn_and_classifier(model)
-        self._layer_rows = [
-            {"layer": name, "filters_before": n, "filters_after": k, "pruned_fraction": 1 - k / n}
-            for name, n, k in zip(names, sizes, counts)
-        ]
+        note_layers(layers, _NOTE, [{"filters_before": n} for n in sizes])
         return model
 
     def layer_table(self, model: nn.Module) -> list[dict[str, object]]:
-        """One row per prunable conv of the last ``compress``: filters before and after."""
-        return [dict(row) for row in getattr(self, "_layer_rows", [])]
+        """One row per conv that filter pruning pruned in ``model``: filters before and after."""
+        rows = []
+        for name, conv, facts in noted_layers(model, _NOTE):
+            before, after = facts["filters_before"], conv.out_channels
+            rows.append(
+                {
+                    "layer": name,
+                    "filters_before": before,
+                    "filters_after": after,
+                    "pruned_fraction": 1 - after / before,
+                }
+            )
+        return rows

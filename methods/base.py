@@ -16,7 +16,9 @@ Lifecycle (what the harness does with a method):
 3. The harness fine-tunes the returned model for the study's epochs, adding
    ``method.regularize(model)`` to the loss; masks and fixed sparsity patterns must survive that
    (use parametrisations or buffers).
-4. The harness measures ``count_params``, ``method.stored_params`` and MACs of the returned model.
+4. The harness measures the returned model itself: ``count_params``, :func:`stored_params` (the same
+   count for every method: masked tensors by their nonzeros; a method cannot report its own size)
+   and MACs; ``method.layer_table(model)`` adds per-layer facts, read from the model it is given.
 
 Invariants an implementation keeps:
 
@@ -25,6 +27,8 @@ Invariants an implementation keeps:
 - It meets a ratio target within 2 % of params (``stored_params``): solve for it (bisection), do not
   assume a nominal rate hits it.
 - Under a fixed ``torch.manual_seed`` it is deterministic.
+- ``compress`` leaves no state on the method: the hooks (``regularize``, ``layer_table``) read what
+  they need from the model they are given.
 """
 
 from __future__ import annotations
@@ -320,12 +324,12 @@ class CompressionMethod:
         """An extra loss term added during fine-tuning (e.g. L1 in the DCT domain); None = none."""
         return None
 
-    def stored_params(self, model: nn.Module) -> int:
-        """Values stored to run ``model``; masked tensors count by nnz (:func:`stored_params`)."""
-        return stored_params(model)
-
     def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Optional per-layer facts (rank, kept filters, sparsity) for the run's layer CSV."""
+        """Optional per-layer facts (rank, kept filters, sparsity) for the run's layer CSV.
+
+        Read from ``model`` alone (its modules, shapes, masks, or facts the method noted on the
+        modules while compressing), so a fresh instance gives the same table for the same model.
+        """
         return []
 
     # -- hyperparameters

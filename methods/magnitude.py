@@ -32,7 +32,7 @@ from torch import nn
 
 from methods._checks import check_choice, check_float, check_int
 from methods._masks import apply_mask, masked_weight
-from methods._modules import example_input, modules_in_run_order
+from methods._modules import example_input, modules_in_run_order, note_layers, noted_layers
 from methods.base import (
     CalibData,
     CompressionMethod,
@@ -50,6 +50,8 @@ __all__ = ["MASKABLE", "Magnitude", "sparsity_fraction"]
 MASKABLE = (nn.modules.conv._ConvNd, nn.Linear)
 SCHEDULES = ("oneshot", "iterative")
 CURVES = ("cubic", "linear")
+# The attribute that magnitude pruning notes on each layer it masked (methods._modules.note_layers).
+_NOTE = "magnitude_pruning"
 
 
 def sparsity_fraction(step: int, steps: int, curve: str) -> float:
@@ -161,17 +163,18 @@ class Magnitude(CompressionMethod):
             )
             if step < rounds:
                 finetune(model, self.epochs_per_step)
-        self._layer_rows = [
-            {
-                "layer": name,
-                "weights": n,
-                "kept": int(masked_weight(module).sum()),
-                "sparsity": 1 - float(masked_weight(module).sum()) / n,
-            }
-            for (name, module), n in zip(layers, sizes)
-        ]
+        note_layers(layers, _NOTE)
         return model
 
     def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
-        """One row per masked layer of the last ``compress``: weights, kept weights, sparsity."""
-        return [dict(row) for row in getattr(self, "_layer_rows", [])]
+        """One row per layer that magnitude pruning masked in ``model``: weights, kept, sparsity."""
+        rows = []
+        for name, module, _ in noted_layers(model, _NOTE):
+            mask = masked_weight(module)
+            # a mask baked into its weight (deployment) leaves its zeros behind
+            kept = mask.sum() if mask is not None else torch.count_nonzero(module.weight)
+            n = module.weight.numel()
+            rows.append(
+                {"layer": name, "weights": n, "kept": int(kept), "sparsity": 1 - float(kept) / n}
+            )
+        return rows

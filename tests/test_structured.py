@@ -275,6 +275,10 @@ def test_layer_rates_give_the_exact_filter_counts_and_table(name):
         ("early.1.0", 32, 24),
         ("late.0.0", 32, 4),
     ]
+    assert rows[0]["pruned_fraction"] == 0.5
+    # the table is read from the model: a fresh instance on a copy gives the same rows
+    assert create_method(name).layer_table(copy.deepcopy(out)) == rows
+    assert create_method(name).layer_table(dense()) == []
 
 
 @pytest.mark.parametrize("name", STRUCTURED)
