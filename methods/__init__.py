@@ -8,36 +8,11 @@ imported by name with ``bench.sweep --plugin my_package.my_method``.
 import importlib
 import pkgutil
 
-from methods.base import (
-    CalibData,
-    CompressionMethod,
-    CompressionWarning,
-    Finetune,
-    MethodConfigError,
-    Target,
-    count_params,
-    create_method,
-    get_method_class,
-    list_methods,
-    register_method,
-    stored_params,
-)
+import methods.base as _base
+from methods.base import *  # noqa: F403  (the public names, listed once: methods.base.__all__)
 
-for _info in pkgutil.iter_modules(__path__):
+__all__ = _base.__all__
+
+for _info in pkgutil.iter_modules(__path__):  # noqa: F405  (the package folder, not a star name)
     if not _info.name.startswith("_") and _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
-
-__all__ = [
-    "CalibData",
-    "CompressionMethod",
-    "CompressionWarning",
-    "Finetune",
-    "MethodConfigError",
-    "Target",
-    "count_params",
-    "create_method",
-    "get_method_class",
-    "list_methods",
-    "register_method",
-    "stored_params",
-]

@@ -20,6 +20,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,9 +35,11 @@ __all__ = [
     "allocate_ranks",
     "balance",
     "build_lowrank",
+    "conv_like",
     "factorisable_layers",
     "layer_profiles",
     "out_of_reach",
+    "rank_table",
     "set_module",
     "solve_fraction",
     "truncated_svd",
@@ -137,13 +140,39 @@ class LowRank(nn.Sequential):
     """A factorised conv or linear layer: ``self[0]`` (r outputs, no bias), ``self[1]`` (r -> m).
 
     A plain ``nn.Sequential`` (same forward, same state-dict keys); the subclass only lets
-    ``layer_table`` find factorised layers and read their rank.
+    :func:`rank_table` find factorised layers and read their rank.
     """
 
     @property
     def rank(self) -> int:
         first = self[0]
         return first.out_channels if isinstance(first, nn.Conv2d) else first.out_features
+
+
+def rank_table(model: nn.Module) -> list[dict[str, Any]]:
+    """One row ``{"layer", "rank"}`` per :class:`LowRank` layer of ``model``, in module order."""
+    return [
+        {"layer": name, "rank": module.rank}
+        for name, module in model.named_modules()
+        if isinstance(module, LowRank)
+    ]
+
+
+def conv_like(conv: nn.Conv2d, out_channels: int, *, bias: bool) -> nn.Conv2d:
+    """A new conv with ``conv``'s inputs, kernel, stride, padding, dilation, padding mode, device
+    and dtype, and ``out_channels`` filters (weights freshly initialised)."""
+    return nn.Conv2d(
+        conv.in_channels,
+        out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=bias,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
 
 
 @torch.no_grad()
@@ -158,17 +187,7 @@ def build_lowrank(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> LowRan
     kw = {"device": weight.device, "dtype": weight.dtype}
     has_bias = module.bias is not None
     if isinstance(module, nn.Conv2d):
-        first: nn.Module = nn.Conv2d(
-            module.in_channels,
-            rank,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=False,
-            padding_mode=module.padding_mode,
-            **kw,
-        )
+        first: nn.Module = conv_like(module, rank, bias=False)
         second: nn.Module = nn.Conv2d(rank, module.out_channels, 1, bias=has_bias, **kw)
         first.weight.copy_(b.reshape(rank, *weight.shape[1:]))
         second.weight.copy_(a.reshape(module.out_channels, rank, 1, 1))

@@ -10,7 +10,7 @@ back to C x k x k) followed by a 1 x 1 conv r -> N, costing r (C k^2 + N) instea
 per output position.
 
 Citation: Zeng, Liu, Sun, Li, Fang, Lu, "Iterative Deep Model Compression and Acceleration in the
-Frequency Domain", ACML 2021, PMLR 157:331-346 (papers.md section 1). Samplers: CUR with
+Frequency Domain", ACML 2021, PMLR 157:331-346 (docs/papers.md section 1). Samplers: CUR with
 squared-norm sampling (Drineas, Mahoney, Muthukrishnan 2008) and "LinearTimeSVD" (Drineas, Kannan,
 Mahoney 2006).
 
@@ -18,7 +18,7 @@ Stored: per compressed conv two dense factors, the k x k conv (r x C x k x k, sp
 obtained by the inverse DCT of B) and the 1 x 1 conv (N x r, carrying the bias). 1 x 1 convs and
 linear layers are left dense (a 1 x 1 DCT is the identity). The returned model holds plain convs.
 
-Reconstructions (only the abstract was available; papers.md): every step below is a documented
+Reconstructions (only the abstract was available; docs/papers.md): every step below is a documented
 choice, not the paper's verified recipe: the L1 weight ``lam`` and its optional (1 + u + v)
 frequency weighting; thresholding at ``threshold`` x the layer's max |F| after the sparse training;
 the samplers and their sample counts (CUR: r columns and r rows, U = C^+ M R^+; LinearTimeSVD: 4 r
@@ -52,6 +52,7 @@ from methods._lowrank import (
     balance,
     build_lowrank,
     factorisable_layers,
+    rank_table,
     set_module,
     truncated_svd,
 )
@@ -343,11 +344,7 @@ class FreqLowRank(CompressionMethod):
 
     def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
         """Rank of every factorised layer."""
-        return [
-            {"layer": name, "rank": module.rank}
-            for name, module in model.named_modules()
-            if isinstance(module, LowRank)
-        ]
+        return rank_table(model)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ time from a few power iterations on the residual, orthonormalised by QR; U and V
 squares; S takes hard-thresholded (keep the c largest) projected gradient steps.
 
 Citation: Yu, Liu, Wang, Tao, "On Compressing Deep Models by Low Rank and Sparse Decomposition",
-CVPR 2017 (papers.md section 3); the bilateral solver follows Zhou and Tao, "GreBsmo", 2013.
+CVPR 2017 (docs/papers.md section 3); the bilateral solver follows Zhou and Tao, "GreBsmo", 2013.
 
 Stored: per compressed layer a :class:`LowRankSparse` module: the low-rank branch (a k x k conv with
 r filters, then a 1 x 1 conv r -> N; linear layers: two linear layers) plus the sparse branch (a
@@ -19,17 +19,17 @@ summed; the bias is added once. ``stored_params`` counts the sparse branch by it
 (indices not counted); its dense MACs are, honestly, unchanged. Fine-tuning keeps the shapes and S's
 pattern.
 
-Reconstructions (papers.md marks the paper's full text as out of reach): the per-layer budget is the
-params of a rank r_l(t) factorisation with one level t for the whole model, solved by bisection on
-stored params; ``allocation`` picks r_l: the fraction t of the full rank (``uniform``) or the
-smallest rank keeping the share t of the layer's output energy on calibration inputs (``energy``:
-eigenvalues of W Sigma W^T, measured on the dense model, the default). Measured on quickstart at 4x
-(pure low rank, 1 fine-tuning epoch): uniform 56.1% test top-1, energy 84.1% (uniform starves the
-layers whose outputs spread over many directions). The budget's split between rank and nonzeros is
-``sparse_share`` (0 = pure low-rank with reconstruction, 1 = data-aware magnitude pruning, r = 0);
-patch subsampling, the relative ridge ``eps`` and the solver's schedule (S starts at the
-thresholded residual, the step size is 1 / lambda_max(Sigma) from power iterations) are this
-harness's choices.
+Reconstructions (docs/papers.md marks the paper's full text as out of reach): the per-layer budget
+is the params of a rank r_l(t) factorisation with one level t for the whole model, solved by
+bisection on stored params; ``allocation`` picks r_l: the fraction t of the full rank (``uniform``)
+or the smallest rank keeping the share t of the layer's output energy on calibration inputs
+(``energy``: eigenvalues of W Sigma W^T, measured on the dense model, the default). Measured on
+quickstart at 4x (pure low rank, 1 fine-tuning epoch): uniform 56.1% test top-1, energy 84.1%
+(uniform starves the layers whose outputs spread over many directions). The budget's split between
+rank and nonzeros is ``sparse_share`` (0 = pure low-rank with reconstruction, 1 = data-aware
+magnitude pruning, r = 0); patch subsampling, the relative ridge ``eps`` and the solver's schedule
+(S starts at the thresholded residual, the step size is 1 / lambda_max(Sigma) from power iterations)
+are this harness's choices.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from methods._lowrank import (
     allocate_ranks,
     balance,
     build_lowrank,
+    conv_like,
     factorisable_layers,
     layer_profiles,
     out_of_reach,
@@ -107,20 +108,10 @@ def _sparse_like(
     module: nn.Module, weight: torch.Tensor, mask: torch.Tensor, bias: bool
 ) -> nn.Module:
     """A layer of ``module``'s geometry with ``weight`` under a fixed ``mask`` (bias optional)."""
-    kw = {"device": module.weight.device, "dtype": module.weight.dtype}
     if isinstance(module, nn.Conv2d):
-        new: nn.Module = nn.Conv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=bias,
-            padding_mode=module.padding_mode,
-            **kw,
-        )
+        new: nn.Module = conv_like(module, module.out_channels, bias=bias)
     else:
+        kw = {"device": module.weight.device, "dtype": module.weight.dtype}
         new = nn.Linear(module.in_features, module.out_features, bias=bias, **kw)
     shape = module.weight.shape
     new.weight.copy_(weight.reshape(shape) * mask.reshape(shape))

@@ -8,7 +8,7 @@ full rank ("uniform") or one global singular-value energy threshold ("energy"), 
 bisection.
 
 Citation: the classic baseline of Denton et al., "Exploiting Linear Structure Within Convolutional
-Networks for Efficient Evaluation", NeurIPS 2014, and Jaderberg et al., BMVC 2014; papers.md
+Networks for Efficient Evaluation", NeurIPS 2014, and Jaderberg et al., BMVC 2014; docs/papers.md
 "Spatial baselines" (truncated SVD of the N x (C k^2) reshape, deployed as two convs), the control
 for ``freq_lowrank`` and ``lrsd``.
 
@@ -31,10 +31,10 @@ from torch import nn
 from methods._allocation import get_allocation
 from methods._checks import check_bool
 from methods._lowrank import (
-    LowRank,
     allocate_ranks,
     build_lowrank,
     factorisable_layers,
+    rank_table,
     set_module,
     weight_matrix,
 )
@@ -104,8 +104,4 @@ class SVD(CompressionMethod):
 
     def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
         """Rank of every factorised layer."""
-        return [
-            {"layer": name, "rank": module.rank}
-            for name, module in model.named_modules()
-            if isinstance(module, LowRank)
-        ]
+        return rank_table(model)
