@@ -9,13 +9,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torchvision import transforms as T
+from torchvision.datasets.folder import default_loader
 
-if TYPE_CHECKING:
-    from bench.data import DatasetInfo
+from bench.dataset_info import DatasetInfo
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 __all__ = ["ImageFolderSplit", "TensorSplit", "random_crop_flip"]
 
@@ -23,11 +25,6 @@ __all__ = ["ImageFolderSplit", "TensorSplit", "random_crop_flip"]
 def _check_batch_size(batch_size: int) -> None:
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-
-
-def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
-    _check_batch_size(batch_size)
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
 class _Normalise:
@@ -73,13 +70,59 @@ def random_crop_flip(
     return out.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
 
 
-class TensorSplit:
+class _Split:
+    """What both kinds of split share: a length, :meth:`num_batches` and :meth:`batches`.
+
+    A subclass sets ``labels`` (N int64) and ``info`` and yields the batches in :meth:`_batches`.
+    """
+
+    labels: torch.Tensor
+    info: DatasetInfo
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """How many batches :meth:`batches` yields."""
+        _check_batch_size(batch_size)
+        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        augment: bool,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ) -> Batches:
+        """One pass over the split in batches of normalised float32 images and int64 labels.
+
+        Args:
+            batch_size: images per batch (the last one may be smaller unless ``drop_last``).
+            shuffle: visit the images in a random order.
+            augment: in memory, random crop (``info.crop_padding`` px of zero padding) +
+                horizontal flip; image files, ImageNet's (see :class:`ImageFolderSplit`).
+            generator: CPU generator for the order and the augmentation; same seed, same batches.
+            drop_last: skip a last, smaller batch.
+            channels_last: return images in the channels_last (NHWC) memory format.
+        """
+        _check_batch_size(batch_size)
+        yield from self._batches(batch_size, shuffle, augment, generator, drop_last, channels_last)
+
+    def _batches(self, batch_size, shuffle, augment, generator, drop_last, channels_last):
+        """The batches of :meth:`batches`, its arguments checked (a generator)."""
+        raise NotImplementedError
+
+
+class TensorSplit(_Split):
     """A split held in memory as uint8 images and int64 labels on one device.
 
     Attributes:
         images: N x C x H x W uint8, unnormalised (public for calibration code).
         labels: N int64.
-        info: the dataset's :class:`bench.data.DatasetInfo` (normalisation, crop padding).
+        info: the dataset's :class:`bench.dataset_info.DatasetInfo` (normalisation, crop padding).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
@@ -98,36 +141,10 @@ class TensorSplit:
         """Where the images live and batches are produced."""
         return self.images.device
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def __repr__(self) -> str:
         return f"TensorSplit({self.info.name}, n={len(self)}, device={self.device})"
 
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        """How many batches :meth:`batches` yields."""
-        return _num_batches(len(self), batch_size, drop_last)
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        augment: bool,
-        generator: torch.Generator | None = None,
-        drop_last: bool = False,
-        channels_last: bool = False,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One pass over the split in batches of normalised float32 images and int64 labels.
-
-        Args:
-            batch_size: images per batch (the last one may be smaller unless ``drop_last``).
-            shuffle: visit the images in a random order.
-            augment: random crop (``info.crop_padding`` px of zero padding) + horizontal flip.
-            generator: CPU generator for the order and the augmentation; same seed, same batches.
-            drop_last: skip a last, smaller batch.
-            channels_last: return images in the channels_last (NHWC) memory format.
-        """
+    def _batches(self, batch_size, shuffle, augment, generator, drop_last, channels_last):
         n_batches = self.num_batches(batch_size, drop_last)
         if shuffle:
             order = torch.randperm(len(self), generator=generator).to(self.device)
@@ -152,13 +169,11 @@ class _Files(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from torchvision.datasets.folder import default_loader
-
         path, label = self.samples[i]
         return self.transform(default_loader(path)), label
 
 
-class ImageFolderSplit:
+class ImageFolderSplit(_Split):
     """A split of image files (ImageNet) streamed through a DataLoader, with the same ``batches()``
     as :class:`TensorSplit`.
 
@@ -170,7 +185,7 @@ class ImageFolderSplit:
     Attributes:
         samples: (path, label) of each image.
         labels: N int64 (CPU).
-        info: the dataset's :class:`bench.data.DatasetInfo`.
+        info: the dataset's :class:`bench.dataset_info.DatasetInfo`.
     """
 
     def __init__(
@@ -187,19 +202,10 @@ class ImageFolderSplit:
         self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
         self._normalise = _Normalise(info, self.device)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __repr__(self) -> str:
         return f"ImageFolderSplit({self.info.name}, n={len(self)}, workers={self.workers})"
 
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        """How many batches :meth:`batches` yields."""
-        return _num_batches(len(self), batch_size, drop_last)
-
     def _transform(self, augment: bool):
-        from torchvision import transforms as T
-
         size = (self.info.height, self.info.width)
         if augment:
             steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
@@ -207,18 +213,7 @@ class ImageFolderSplit:
             steps = [T.Resize(round(size[0] / 0.875)), T.CenterCrop(size)]
         return T.Compose([*steps, T.PILToTensor()])
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        augment: bool,
-        generator: torch.Generator | None = None,
-        drop_last: bool = False,
-        channels_last: bool = False,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """As :meth:`TensorSplit.batches`; augmentation is ImageNet's (see the class docstring)."""
-        _check_batch_size(batch_size)
+    def _batches(self, batch_size, shuffle, augment, generator, drop_last, channels_last):
         loader = torch.utils.data.DataLoader(
             _Files(self.samples, self._transform(augment)),
             batch_size=batch_size,

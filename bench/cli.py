@@ -8,7 +8,6 @@ Exit codes: 0 done; 1 internal error (one-line summary + the file the traceback 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import importlib
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from bench.paths import results_dir
 
-__all__ = ["USAGE_ERRORS", "UsageError", "import_plugins", "main_guard"]
+__all__ = ["UsageError", "import_plugins", "main_guard", "usage_errors"]
 
 
 class UsageError(ValueError):
@@ -30,22 +29,30 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that runs end KILLED; exits 143."""
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    from bench.study import StudyError
-    from methods.base import MethodConfigError
+# (module, class) of every error that means "bad input": exit 2 with its one-line message
+_USAGE_ERROR_CLASSES = (
+    ("bench.study", "StudyError"),
+    ("methods.base", "MethodConfigError"),
+    ("bench.dataset_info", "DataError"),
+    ("bench.models", "ModelError"),
+    ("bench.tracking", "TrackingError"),
+)
 
-    errors: list[type[BaseException]] = [UsageError, StudyError, MethodConfigError]
-    for module, name in (
-        ("bench.data", "DataError"),
-        ("bench.models", "ModelError"),
-        ("bench.tracking", "TrackingError"),
-    ):
-        with contextlib.suppress(ImportError, AttributeError):
-            errors.append(getattr(importlib.import_module(module), name))
+
+def usage_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean "bad input" (exit 2, one line), :class:`UsageError` first.
+
+    A function, not a tuple: it is called when an error is caught and looks the classes up among
+    the modules already imported (an error whose module was never imported cannot have been
+    raised), so importing ``bench.cli`` loads neither torch nor MLflow (``bench.ui`` starts at
+    once) and never imports its own importers.
+    """
+    errors: list[type[BaseException]] = [UsageError]
+    for module, name in _USAGE_ERROR_CLASSES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            errors.append(cls)
     return tuple(errors)
-
-
-USAGE_ERRORS = _usage_errors
 
 
 def import_plugins(modules: Sequence[str]) -> None:
@@ -88,7 +95,7 @@ def main_guard(main: Callable[[list[str] | None], int | None], prog: str) -> Cal
             return int(main(argv) or 0)
         except SystemExit as err:  # argparse: --help (0) and usage errors (2)
             return err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
-        except USAGE_ERRORS() as err:
+        except usage_errors() as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 2
         except Terminated:

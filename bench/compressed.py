@@ -1,8 +1,11 @@
-"""One compressed run's body: compress the baseline, fine-tune it, measure it, log it.
+"""One compressed run's body, step by step: compress -> recalibrate (BN) -> evaluate -> fine-tune
+-> measure -> log.
 
-Every method goes through exactly this path (the harness never branches on a method's name). The
-``Finetune`` a method receives (:class:`_HarnessFinetune`) trains under the study's fine-tuning
-recipe on the training split and logs its epochs as ``inner_*`` step metrics of the run.
+Every method goes through exactly these steps (the harness never branches on a method's name);
+:func:`run_body` calls them in order and each step's metrics join the run's. The ``Finetune`` a
+method receives while compressing (:class:`_HarnessFinetune`) trains under the study's fine-tuning
+recipe on the training split and logs its epochs as ``inner_*`` step metrics of the run. Only a
+final run (``spec.stage == "final"``) evaluates on test; a tuning trial never sees test data.
 """
 
 from __future__ import annotations
@@ -10,32 +13,44 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from bench import footprint
+from bench.runs import Baseline, RunSpec
 from bench.tracking import RunHandle
 from bench.training import evaluate, recalibrate_bn, train
-from methods.base import CalibData, CompressionWarning, Target, create_method, stored_params
+from methods.base import (
+    CalibData,
+    CompressionMethod,
+    CompressionWarning,
+    Target,
+    create_method,
+    stored_params,
+)
 
-__all__ = ["compress_finetune_measure"]
+if TYPE_CHECKING:  # bench.runner imports this module: annotations only, no import cycle
+    from bench.runner import Sweep
+
+__all__ = ["run_body"]
 
 
 class _HarnessFinetune:
     """The ``Finetune`` a method gets: the study's fine-tuning recipe on the training split."""
 
-    def __init__(self, sweep, handle: RunHandle | None, seed: int) -> None:
-        self.sweep, self.handle, self.seed = sweep, handle, seed
+    def __init__(self, sweep: Sweep, spec: RunSpec, handle: RunHandle | None) -> None:
+        self.sweep, self.spec, self.handle = sweep, spec, handle
         self.epochs = 0.0
         self._step = 0
 
     def __call__(self, model: nn.Module, epochs: float, *, regularizer=None) -> float:
-        gen = torch.Generator().manual_seed(self.seed * 1000 + self._step + 1)
+        gen = torch.Generator().manual_seed(self.spec.seed * 1000 + self._step + 1)
         history = train(
             model,
             self.sweep.splits.train,
-            self.sweep.finetune_recipe,
+            self.spec.finetune,
             epochs=epochs,
             val_split=self.sweep.splits.val,
             regularizer=regularizer,
@@ -58,108 +73,169 @@ class _HarnessFinetune:
             self.handle.log_metrics(dict(metrics), step=step)
 
 
-def compress_finetune_measure(
-    sweep, stage, method, label, seed, hps, base, handle, on_epoch, epochs
+def run_body(
+    sweep: Sweep, spec: RunSpec, base: Baseline, handle: RunHandle, on_epoch=None
 ) -> dict[str, float]:
     """Compress the baseline, fine-tune, measure; log it all to ``handle``; return the metrics.
 
-    ``stage="final"`` also evaluates on test and saves the state dict; ``"tune"`` never sees test.
+    ``on_epoch`` receives each epoch of the fine-tuning (Optuna reports and prunes through it).
     """
     t0 = time.perf_counter()
-    final = stage == "final"
-    dense_fp = sweep.dense_footprint()
+    method, model, inner = compress(sweep, spec, base, handle)
+    metrics = {"baseline_val_top1": base.val_top1}
+    metrics |= recalibrate(sweep, spec, model)
+    metrics |= evaluate_before_finetuning(sweep, spec, base, model)
+    handle.log_metrics(metrics)
+    finetune(sweep, spec, method, model, handle, on_epoch)
+    metrics |= evaluate_after_finetuning(sweep, spec, model)
+    metrics |= measure(sweep, method, model)
+    metrics["epochs_total"] = inner.epochs + spec.finetune_epochs
+    metrics["wall_time_s"] = time.perf_counter() - t0
+    log(sweep, spec, method, model, handle, metrics)
+    return metrics
+
+
+def compress(
+    sweep: Sweep, spec: RunSpec, base: Baseline, handle: RunHandle
+) -> tuple[CompressionMethod, nn.Module, _HarnessFinetune]:
+    """Step 1: the method compresses the baseline, seeded; returns the method, the compressed
+    model on the device and the ``Finetune`` it was given (which counts its epochs).
+
+    The method calibrates on training batches only; its :class:`CompressionWarning` messages
+    become the run's ``warnings`` tag.
+    """
     model = sweep.load_baseline(base)
-    torch.manual_seed(seed)
-    compressor = create_method(method, **hps)
-    gen = torch.Generator().manual_seed(seed)
-    recipe = sweep.finetune_recipe
+    torch.manual_seed(spec.seed)
+    method = create_method(spec.method, **spec.hps)
+    gen = torch.Generator().manual_seed(spec.seed)
+    batch_size = spec.finetune.batch_size
     calib = CalibData(
-        lambda: sweep.splits.train.batches(
-            recipe.batch_size, shuffle=True, augment=True, generator=gen
-        ),
+        lambda: sweep.splits.train.batches(batch_size, shuffle=True, augment=True, generator=gen),
         sweep.input_shape,
         sweep.info.num_classes,
         sweep.device,
     )
-    inner = _HarnessFinetune(sweep, handle, seed)
+    inner = _HarnessFinetune(sweep, spec, handle)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
-        compressed = compressor.compress(model, Target.parse(label), calib, inner)
+        compressed = method.compress(model, Target.parse(spec.target), calib, inner)
     notes = sorted({str(w.message) for w in caught if issubclass(w.category, CompressionWarning)})
     if notes:
         handle.set_tags({"warnings": " | ".join(notes)[:4900]})
-    compressed = compressed.to(sweep.device)
-    m: dict[str, float] = {"baseline_val_top1": base.val_top1}
-    m["val_top1_pre_ft"] = evaluate(compressed, sweep.splits.val)["top1"]
-    # the pre-fine-tuning numbers then measure the compressed weights, not stale statistics
-    if recalibrate_bn(
-        compressed,
+    return method, compressed.to(sweep.device), inner
+
+
+def recalibrate(sweep: Sweep, spec: RunSpec, model: nn.Module) -> dict[str, float]:
+    """Step 2: re-estimate every BatchNorm's statistics on training batches (every method alike),
+    so that the numbers before fine-tuning measure the compressed weights, not stale statistics.
+
+    Returns ``val_top1_pre_ft`` (validation top-1 after it) and, when any BatchNorm was
+    re-estimated, ``val_top1_pre_bn`` (before it).
+    """
+    before = evaluate(model, sweep.splits.val)["top1"]
+    if not recalibrate_bn(
+        model,
         sweep.splits.train,
-        batches=sweep.study.bn_recalibration_batches,
-        batch_size=recipe.batch_size,
-        generator=torch.Generator().manual_seed(seed + 2),
+        batches=spec.bn_recalibration_batches,
+        batch_size=spec.finetune.batch_size,
+        generator=torch.Generator().manual_seed(spec.seed + 2),
     ):
-        m["val_top1_pre_bn"] = m["val_top1_pre_ft"]
-        m["val_top1_pre_ft"] = evaluate(compressed, sweep.splits.val)["top1"]
-    if final:
-        m["baseline_test_top1"] = base.test_top1
-        m["test_top1_pre_ft"] = evaluate(compressed, sweep.splits.test)["top1"]
-    handle.log_metrics(m)
+        return {"val_top1_pre_ft": before}
+    return {"val_top1_pre_bn": before, "val_top1_pre_ft": evaluate(model, sweep.splits.val)["top1"]}
+
+
+def evaluate_before_finetuning(
+    sweep: Sweep, spec: RunSpec, base: Baseline, model: nn.Module
+) -> dict[str, float]:
+    """Step 3: a final's test top-1 before fine-tuning, beside the baseline's (a trial: none)."""
+    if not spec.final_stage:
+        return {}
+    return {
+        "baseline_test_top1": base.test_top1,
+        "test_top1_pre_ft": evaluate(model, sweep.splits.test)["top1"],
+    }
+
+
+def finetune(
+    sweep: Sweep,
+    spec: RunSpec,
+    method: CompressionMethod,
+    model: nn.Module,
+    handle: RunHandle,
+    on_epoch=None,
+) -> None:
+    """Step 4: the harness's fine-tuning, ``spec.finetune_epochs`` under the study's recipe, with
+    the method's regulariser; each epoch is logged as step metrics and passed to ``on_epoch``."""
 
     def log_epoch(result):
         handle.log_metrics(result.metrics(), step=result.epoch)
         if on_epoch is not None:
             on_epoch(result)
 
-    ft_epochs = recipe.epochs if epochs is None else epochs
     train(
-        compressed,
+        model,
         sweep.splits.train,
-        recipe,
-        epochs=ft_epochs,
+        spec.finetune,
+        epochs=spec.finetune_epochs,
         val_split=sweep.splits.val,
-        regularizer=compressor.regularize,
-        generator=torch.Generator().manual_seed(seed + 1),
+        regularizer=method.regularize,
+        generator=torch.Generator().manual_seed(spec.seed + 1),
         on_epoch=log_epoch,
-        desc=f"{method} {label} s{seed}",
+        desc=f"{spec.method} {spec.target} s{spec.seed}",
     )
-    m["val_top1"] = evaluate(compressed, sweep.splits.val)["top1"]
-    if final:
-        test = evaluate(compressed, sweep.splits.test, topk=sweep.topk())
-        m["test_top1"] = test["top1"]
+
+
+def evaluate_after_finetuning(sweep: Sweep, spec: RunSpec, model: nn.Module) -> dict[str, float]:
+    """Step 5a: validation top-1 after fine-tuning; a final's test top-1 (and top-5) too."""
+    out = {"val_top1": evaluate(model, sweep.splits.val)["top1"]}
+    if spec.final_stage:
+        test = evaluate(model, sweep.splits.test, topk=sweep.topk())
+        out["test_top1"] = test["top1"]
         if "top5" in test:
-            m["test_top5"] = test["top5"]
-    fp = sweep._measure(compressed, stored_params(compressed), latency=False)
+            out["test_top5"] = test["top5"]
+    return out
+
+
+def measure(sweep: Sweep, method: CompressionMethod, model: nn.Module) -> dict[str, float]:
+    """Step 5b: params, stored params and MACs of the compressed model, its latency timed
+    interleaved with the dense model's (now, under the same machine state), and the ratios."""
+    dense = sweep.dense_footprint()
+    fp = sweep.measure(model, stored_params(model), latency=False)
     lat = sweep.study.latency
-    # the dense and compressed models timed interleaved, now, under the same machine state
     dense_ms, compressed_ms = footprint.compare_latency(
         sweep.new_model(),
-        copy.deepcopy(compressed).cpu(),
+        copy.deepcopy(model).cpu(),
         sweep.input_shape,
         batch_size=lat.batch_size,
         threads=lat.threads,
         min_run_time=2 * lat.min_run_time,
     )
-    m.update(
-        {
-            "params": fp.params,
-            "stored_params": fp.stored_params,
-            "macs": fp.macs,
-            "latency_ms": compressed_ms,
-            "dense_params": dense_fp.params,
-            "dense_macs": dense_fp.macs,
-            "dense_latency_ms": dense_ms,
-            "params_ratio": dense_fp.params / fp.stored_params,
-            "macs_ratio": dense_fp.macs / fp.macs,
-            "speedup": dense_ms / compressed_ms,
-            "epochs_total": inner.epochs + ft_epochs,
-            "wall_time_s": time.perf_counter() - t0,
-        }
-    )
-    handle.log_metrics(m)
-    rows = footprint.layer_table(copy.deepcopy(compressed).cpu(), sweep.input_shape, compressor)
+    return {
+        "params": fp.params,
+        "stored_params": fp.stored_params,
+        "macs": fp.macs,
+        "latency_ms": compressed_ms,
+        "dense_params": dense.params,
+        "dense_macs": dense.macs,
+        "dense_latency_ms": dense_ms,
+        "params_ratio": dense.params / fp.stored_params,
+        "macs_ratio": dense.macs / fp.macs,
+        "speedup": dense_ms / compressed_ms,
+    }
+
+
+def log(
+    sweep: Sweep,
+    spec: RunSpec,
+    method: CompressionMethod,
+    model: nn.Module,
+    handle: RunHandle,
+    metrics: dict[str, float],
+) -> None:
+    """Step 6: the metrics, the per-layer table, the study and (for a final) the state dict."""
+    handle.log_metrics(metrics)
+    rows = footprint.layer_table(copy.deepcopy(model).cpu(), sweep.input_shape, method)
     handle.log_rows(rows, "layers.csv")
     handle.log_text(sweep.study.to_yaml(), "study.yaml")
-    if final:
-        handle.log_state_dict({k: v.detach().cpu() for k, v in compressed.state_dict().items()})
-    return m
+    if spec.final_stage:
+        handle.log_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})

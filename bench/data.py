@@ -1,4 +1,7 @@
-"""Datasets: what each one is (:func:`dataset_info`), whether it is on disk, and its three splits.
+"""Datasets on disk: whether one is there (:func:`check_available`) and its three splits.
+
+What each dataset is (classes, shape, normalisation) is :mod:`bench.dataset_info`, which reads
+nothing; its names are re-exported here.
 
 Small datasets (Fashion-MNIST, CIFAR-10/100, the synthetic one) are held whole in memory as uint8
 tensors on the training device; a batch is gathered by index, augmented with batched tensor ops
@@ -18,7 +21,6 @@ as ``root/train`` and ``root/val``. Every failure is a one-line :class:`DataErro
 
 from __future__ import annotations
 
-import difflib
 import gzip
 import os
 import zlib
@@ -28,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 
 from bench._splits import ImageFolderSplit, TensorSplit
+from bench.dataset_info import DATASETS, DataError, DatasetInfo, dataset_info
 
 __all__ = [
     "DATASETS",
@@ -44,7 +48,6 @@ __all__ = [
     "load_splits",
 ]
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 # Debian's dataset-fashion-mnist package; a module attribute so tests can point it elsewhere.
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 _FASHION_MNIST_FILES = {
@@ -58,61 +61,6 @@ _SYNTHETIC_SEED = 20240917  # the synthetic dataset is one fixed dataset, whatev
 _SYNTHETIC_SIZES = (2048, 512)  # default train and test images
 
 
-class DataError(Exception):
-    """Data that is missing, corrupt or asked for wrongly; the message is one line saying what was
-    looked for, where, and how to get it."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model and the harness need to know about a dataset, without reading it.
-
-    Attributes:
-        name: one of :data:`DATASETS`.
-        num_classes: number of classes.
-        in_chans, height, width: image shape (the model's input at evaluation).
-        mean, std: per-channel normalisation, on the 0..1 pixel scale.
-        val_size: default number of training images carved off as the validation split.
-        crop_padding: pixels of zero padding of the random-crop augmentation (0 = no crop).
-    """
-
-    name: str
-    num_classes: int
-    in_chans: int
-    height: int
-    width: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    val_size: int
-    crop_padding: int = 0
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
-        return (self.in_chans, self.height, self.width)
-
-
-_INFO = {
-    info.name: info
-    for info in (
-        # Fashion-MNIST statistics of the training set; crop padding 2 px on 28 x 28
-        DatasetInfo("fashion-mnist", 10, 1, 28, 28, (0.2860,), (0.3530,), 5000, 2),
-        # CIFAR: true per-channel std of the training set (not the oft-copied 0.2023, 0.1994, ...)
-        DatasetInfo(
-            "cifar10", 10, 3, 32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 5000, 4
-        ),
-        DatasetInfo(
-            "cifar100", 100, 3, 32, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 5000, 4
-        ),
-        # ImageNet: 10 validation images per class carved from train; crops are RandomResizedCrop
-        DatasetInfo(
-            "imagenet", 1000, 3, 224, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 10000
-        ),
-        DatasetInfo("synthetic", 10, 3, 32, 32, (0.5, 0.5, 0.5), (0.23, 0.23, 0.23), 256, 4),
-    )
-}
-
-
 @dataclass(frozen=True)
 class Splits:
     """A dataset's three splits: ``train`` and ``val`` (disjoint, both from the training set) and
@@ -122,15 +70,6 @@ class Splits:
     train: TensorSplit | ImageFolderSplit
     val: TensorSplit | ImageFolderSplit
     test: TensorSplit | ImageFolderSplit
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    """Facts about dataset ``name``; reads nothing from disk."""
-    if name not in _INFO:
-        close = difflib.get_close_matches(name, DATASETS, n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DataError(f"unknown dataset {name!r}{hint}; known: {', '.join(DATASETS)}")
-    return _INFO[name]
 
 
 def default_data_root() -> Path:
@@ -199,8 +138,6 @@ def _load_fashion_mnist(root: Path | None, download: bool) -> tuple[torch.Tensor
         try:
             _find_fashion_mnist(root)
         except DataError:
-            from torchvision.datasets import FashionMNIST
-
             try:
                 FashionMNIST(str(root), download=True)  # writes root/FashionMNIST/raw/
             except (RuntimeError, OSError) as err:
@@ -227,8 +164,6 @@ def _load_fashion_mnist(root: Path | None, download: bool) -> tuple[torch.Tensor
 
 # ----------------------------------------------------------------------------------------- CIFAR
 def _cifar_class(name: str) -> type:
-    from torchvision.datasets import CIFAR10, CIFAR100
-
     return CIFAR10 if name == "cifar10" else CIFAR100
 
 
@@ -303,8 +238,6 @@ def _check_imagenet(root: Path | None) -> Path:
 
 def _imagenet_files(root: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(path, label) of every image in ``root/train`` and ``root/val``; same classes in both."""
-    from torchvision.datasets import ImageFolder
-
     try:
         train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
     except FileNotFoundError as err:  # a class folder without any image

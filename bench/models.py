@@ -22,7 +22,8 @@ models deepcopy and pickle.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import timm
@@ -37,6 +38,7 @@ __all__ = [
     "CifarVGG",
     "ModelError",
     "ShortcutA",
+    "canonical_width",
     "create_model",
     "list_cifar_models",
 ]
@@ -180,6 +182,17 @@ def _drop(keep: torch.Tensor, removed: Sequence[int]) -> torch.Tensor:
     return keep - torch.searchsorted(gone, keep)
 
 
+def _remove(layer: ShortcutA, idxs: Sequence[int], *, side: str, other: str) -> int:
+    """Delete channels ``idxs`` of one side ("src": inputs, "dst": outputs) of ``layer``'s
+    mapping, and the channels they were paired with on the ``other``; returns how many."""
+    removed = sorted({int(i) for i in idxs})
+    ids = getattr(layer, side)
+    keep = ~torch.isin(ids, torch.tensor(removed, device=ids.device))
+    setattr(layer, side, _drop(ids[keep], removed))
+    setattr(layer, other, getattr(layer, other)[keep])
+    return len(removed)
+
+
 class _ShortcutAPruner(tp.BasePruningFunc):
     """Prunes a :class:`ShortcutA`'s input or output channels; the two are not coupled.
 
@@ -190,19 +203,11 @@ class _ShortcutAPruner(tp.BasePruningFunc):
     TARGET_MODULES = (ShortcutA,)
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        removed = sorted({int(i) for i in idxs})
-        keep = ~torch.isin(layer.src, torch.tensor(removed, device=layer.src.device))
-        layer.src = _drop(layer.src[keep], removed)
-        layer.dst = layer.dst[keep]
-        layer.in_channels -= len(removed)
+        layer.in_channels -= _remove(layer, idxs, side="src", other="dst")
         return layer
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        removed = sorted({int(i) for i in idxs})
-        keep = ~torch.isin(layer.dst, torch.tensor(removed, device=layer.dst.device))
-        layer.dst = _drop(layer.dst[keep], removed)
-        layer.src = layer.src[keep]
-        layer.out_channels -= len(removed)
+        layer.out_channels -= _remove(layer, idxs, side="dst", other="src")
         return layer
 
     def get_in_channels(self, layer: nn.Module) -> int:
@@ -293,48 +298,57 @@ def _check_options(name: str, pretrained: bool, width: float, kwargs: dict[str, 
         raise ModelError(f"{name} takes num_classes, in_chans and width; not {unknown[0]!r}")
 
 
-@register_model
-def vgg16_bn_cifar(
-    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, width: float = 1.0, **kwargs
-) -> nn.Module:
-    """VGG-16-BN for CIFAR (HRank / DCTPruning): 14.99M params, 313.46M MACs at 32 x 32."""
-    _check_options("vgg16_bn_cifar", pretrained, width, kwargs)
-    return CifarVGG(num_classes=num_classes, in_chans=in_chans, width=width)
+def _entrypoint(name: str, build: Callable[..., nn.Module], doc: str) -> Callable[..., nn.Module]:
+    """Register ``build`` in timm as ``name`` (its ``__name__``), behind the checks every
+    entrypoint makes; timm calls it as ``entrypoint(pretrained=..., **kwargs)``."""
+
+    def entrypoint(
+        pretrained: bool = False,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        width: float = 1.0,
+        **kwargs,
+    ) -> nn.Module:
+        _check_options(name, pretrained, width, kwargs)
+        return build(num_classes=num_classes, in_chans=in_chans, width=width)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = doc
+    return register_model(entrypoint)
 
 
-@register_model
-def resnet20_cifar(
-    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, width: float = 1.0, **kwargs
-) -> nn.Module:
-    """ResNet-20 for CIFAR (He et al. 2016): 0.27M params, 40.55M MACs at 32 x 32."""
-    _check_options("resnet20_cifar", pretrained, width, kwargs)
-    return CifarResNet(20, num_classes=num_classes, in_chans=in_chans, width=width)
-
-
-@register_model
-def resnet56_cifar(
-    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, width: float = 1.0, **kwargs
-) -> nn.Module:
-    """ResNet-56 for CIFAR (He et al. 2016): 0.85M params, 125.49M MACs at 32 x 32."""
-    _check_options("resnet56_cifar", pretrained, width, kwargs)
-    return CifarResNet(56, num_classes=num_classes, in_chans=in_chans, width=width)
-
-
-@register_model
-def resnet110_cifar(
-    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, width: float = 1.0, **kwargs
-) -> nn.Module:
-    """ResNet-110 for CIFAR (He et al. 2016): 1.73M params, 252.89M MACs at 32 x 32."""
-    _check_options("resnet110_cifar", pretrained, width, kwargs)
-    return CifarResNet(110, num_classes=num_classes, in_chans=in_chans, width=width)
-
-
+vgg16_bn_cifar = _entrypoint(
+    "vgg16_bn_cifar",
+    CifarVGG,
+    "VGG-16-BN for CIFAR (HRank / DCTPruning): 14.99M params, 313.46M MACs at 32 x 32.",
+)
+resnet20_cifar = _entrypoint(
+    "resnet20_cifar",
+    functools.partial(CifarResNet, 20),
+    "ResNet-20 for CIFAR (He et al. 2016): 0.27M params, 40.55M MACs at 32 x 32.",
+)
+resnet56_cifar = _entrypoint(
+    "resnet56_cifar",
+    functools.partial(CifarResNet, 56),
+    "ResNet-56 for CIFAR (He et al. 2016): 0.85M params, 125.49M MACs at 32 x 32.",
+)
+resnet110_cifar = _entrypoint(
+    "resnet110_cifar",
+    functools.partial(CifarResNet, 110),
+    "ResNet-110 for CIFAR (He et al. 2016): 1.73M params, 252.89M MACs at 32 x 32.",
+)
 _CIFAR_MODELS = ("vgg16_bn_cifar", "resnet20_cifar", "resnet56_cifar", "resnet110_cifar")
 
 
 def list_cifar_models() -> list[str]:
     """Names of the CIFAR models this module registers in timm, sorted."""
     return sorted(_CIFAR_MODELS)
+
+
+def canonical_width(width: float | None) -> float | None:
+    """One value for the model's own width: None (``width: 1.0`` and no width build the same
+    model, so they are one baseline, one key and one checkpoint)."""
+    return None if width is None or width == 1.0 else width
 
 
 def create_model(

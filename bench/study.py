@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from bench.samplers import PRUNERS, SAMPLERS
+
 __all__ = [
     "DataConfig",
     "LatencyConfig",
@@ -80,11 +82,12 @@ class TuningConfig:
 
     Attributes:
         trials: COMPLETE trials per (method, ratio); 0 runs the defaults only.
-        sampler: "tpe" or "random" (seeded by ``seed``).
+        sampler: "tpe" or "random" (seeded by ``seed``; ``bench.samplers.SAMPLERS``).
         metric: what a trial maximises: "val_acc" (validation top-1).
         mode: "single" (best validation accuracy subject to the params ratio) or "pareto"
             (validation accuracy vs MACs, NSGA-II; every Pareto point gets final runs).
-        pruner: "median" (stop trials below the median per-epoch validation accuracy) or "none".
+        pruner: "median" (stop trials below the median per-epoch validation accuracy) or "none"
+            (``bench.samplers.PRUNERS``).
         epochs: fine-tuning epochs of a trial (None: the study's ``finetune.epochs``).
         seed: sampler seed.
         defaults_first: the first trial of a new Optuna study runs the method's defaults
@@ -104,10 +107,10 @@ class TuningConfig:
         if self.trials < 0:
             raise StudyError(f"tuning.trials must be >= 0, got {self.trials}")
         for key, allowed in (
-            ("sampler", ("tpe", "random")),
+            ("sampler", tuple(SAMPLERS)),
             ("metric", ("val_acc",)),
             ("mode", ("single", "pareto")),
-            ("pruner", ("median", "none")),
+            ("pruner", tuple(PRUNERS)),
         ):
             if getattr(self, key) not in allowed:
                 raise StudyError(f"tuning.{key} {getattr(self, key)!r} must be one of {allowed}")
@@ -302,7 +305,7 @@ def load_study(
     name_or_path: str, overrides: tuple[str, ...] = (), folder: Path = SWEEPS_DIR
 ) -> Study:
     """Load, override and type-check a study (names of models and methods are checked by
-    :func:`bench.validate.validate_study`, which needs the registries)."""
+    :func:`bench.sweep.validate_study`, which needs the registries)."""
     path = find_study(name_or_path, folder)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -340,6 +343,7 @@ def _check_values(study: Study, where: str) -> Study:
     ratios = []
     for i, ratio in enumerate(study.ratios):
         if isinstance(ratio, str):
+            # methods.base imports torch: a study loads without it unless it has per-layer rates
             from methods.base import MethodConfigError, Target
 
             try:

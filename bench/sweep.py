@@ -5,25 +5,41 @@
 2. Baselines (cached checkpoints), then for each (method, ratio) a parent run, the tuning trials
    (``bench.tuning``) and the final runs, one per seed. Runs are keyed by a hash of their config: a
    rerun skips finished keys and redoes the rest.
-3. A summary table and the command that opens the MLflow UI.
+3. A summary table and the commands that open the runs (``bench.ui``) and write the report
+   (``reports``), with the stores this sweep used.
+
+The runs themselves are values (``bench.runs``) run by ``bench.runner.Sweep``; their body, step by
+step, is ``bench.compressed``; tuning is ``bench.tuning``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import shlex
 import sys
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 
+from bench import models
 from bench.cli import ArgumentParser, UsageError, import_plugins, main_guard
+from bench.data import check_available
+from bench.dataset_info import dataset_info
 from bench.paths import default_storage, default_tracking_uri
+from bench.runs import BaselineSpec, RunResult, RunSpec, method_defaults
 from bench.study import Study, StudyError, load_study
+from methods.base import CalibData, MethodConfigError, Target, create_method, no_finetune
 
-__all__ = ["main", "validate_study"]
+# MLflow (bench.tracking, and bench.runner and bench.tuning, which log to it) and pandas are
+# imported where first needed, after validation: a rejected command answers without loading them
+
+__all__ = ["main", "next_commands", "run_method_ratio", "validate_study"]
 
 
 def build_parser() -> ArgumentParser:
@@ -72,10 +88,6 @@ def validate_study(
     say=print,
 ) -> None:
     """Raise a one-line usage error for anything that would fail later; writes nothing."""
-    from bench import models
-    from bench.data import check_available, dataset_info
-    from methods.base import CalibData, MethodConfigError, Target, create_method, no_finetune
-
     where = f"study {study.name}"
     try:
         info = dataset_info(study.dataset)
@@ -121,7 +133,7 @@ def validate_study(
 
 
 def _check_store(uri: str) -> None:
-    from bench.tracking import TrackingError
+    from bench.tracking import TrackingError  # MLflow: see the note on imports at the top
 
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
@@ -129,8 +141,6 @@ def _check_store(uri: str) -> None:
         if parent is None or not parent.is_dir() or not _writable(parent):
             raise TrackingError(f"tracking store {uri}: {parent} is not a writable folder")
     elif uri.startswith(("http://", "https://")):
-        import urllib.request
-
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
         except OSError as err:
@@ -144,23 +154,23 @@ def _check_store(uri: str) -> None:
 
 
 def _writable(folder: Path) -> bool:
-    import os
-
     return os.access(folder, os.W_OK | os.X_OK)
 
 
 # ------------------------------------------------------------------------------------ the plan
 def _hyperparameter_sets(sweep, tuner, method: str, ratio, parent) -> list[tuple[dict, str]]:
+    """(hyperparameters, source) of the final runs: tuned, or the method's defaults."""
     if tuner is None:
-        return [(sweep.method_defaults(method), "default")]
+        return [(method_defaults(sweep.study, method), "default")]
     return tuner.tune(method, ratio, parent)
 
 
 def print_plan(sweep, tuner) -> None:
+    """``--dry-run``: every step of the study, done or to do; runs nothing, writes nothing."""
     study = sweep.study
     rows = []
     for seed in study.seeds:
-        done = sweep.tracker.finished(sweep.baseline_key(seed)) is not None
+        done = sweep.tracker.finished(BaselineSpec.of(study, seed).key) is not None
         cached = sweep.checkpoint_path(seed).exists()
         rows.append(
             (
@@ -180,15 +190,11 @@ def print_plan(sweep, tuner) -> None:
                     ("final", method, ratio, ",".join(map(str, study.seeds)), "after tuning")
                 )
                 continue
-            hps = sweep.method_defaults(method)
+            hps = method_defaults(study, method)
             for seed in study.seeds:
-                from methods.base import Target
-
-                key = sweep.compressed_key("final", method, Target.parse(ratio).label, seed, hps)
+                key = RunSpec.final(study, method, ratio, seed, hps).key
                 done = sweep.tracker.finished(key) is not None
                 rows.append(("final", method, ratio, seed, "done" if done else "to do"))
-    from tabulate import tabulate
-
     print(tabulate(rows, headers=["stage", "method", "ratio", "seed", "status"]))
     todo = sum(1 for r in rows if r[-1] not in ("done",))
     print(f"\n{todo} of {len(rows)} steps to do; nothing was run (--dry-run)")
@@ -196,7 +202,7 @@ def print_plan(sweep, tuner) -> None:
 
 def summary_table(results) -> str:
     """Mean over seeds per (method, ratio): the sweep's closing table."""
-    import pandas as pd
+    import pandas as pd  # see the note on imports at the top
 
     rows = []
     for r in results:
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight=not args.no_preflight,
     )
 
-    from bench.runner import Sweep, resolve_device
+    from bench.runner import Sweep, resolve_device  # MLflow: see the note on imports at the top
     from bench.tracking import Tracker
 
     tracker = Tracker(tracking_uri, study.name, create=not args.dry_run)
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tuner = None
     if study.tuning.trials > 0:
-        from bench.tuning import Tuner
+        from bench.tuning import Tuner  # MLflow: see the note on imports at the top
 
         tuner = Tuner(sweep, storage)
     if args.dry_run:
@@ -267,11 +273,53 @@ def main(argv: list[str] | None = None) -> int:
     if stale:
         print(f"marked {stale} runs of a dead process KILLED; resuming")
     t0 = time.perf_counter()
+    results, failures = run_study(sweep, tuner)
+    skipped = sum(r.skipped for r in results)
+    print(
+        f"\nstudy {study.name}: {len(results)} final runs ({skipped} already done, "
+        f"{len(results) - skipped} run now) in {time.perf_counter() - t0:.0f} s"
+    )
+    if skipped == len(results) and results:
+        print("nothing to train: every run of this study is already finished")
+    print(summary_table(results))
+    browse, report = next_commands(study.name, tracking_uri, storage if tuner else None)
+    print(f"\nbrowse the runs:  {browse}")
+    print(f"paper tables:     {report}")
+    if failures:
+        print(
+            f"{len(failures)} (method, ratio) pairs failed (see their 'error' tag):",
+            file=sys.stderr,
+        )
+        for line in failures:
+            print(f"  {line[:300]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def next_commands(study: str, tracking_uri: str, storage: str | None) -> tuple[str, str]:
+    """The commands that open the runs (``bench.ui``) and write the report (``reports``), as
+    they must be typed: with ``--tracking-uri`` and ``--storage`` wherever the sweep used other
+    stores than those commands find by themselves (``storage``: None when nothing was tuned)."""
+    stores = []
+    if tracking_uri != default_tracking_uri():
+        stores += ["--tracking-uri", tracking_uri]
+    if storage is not None and storage != default_storage():
+        stores += ["--storage", storage]
+    return (
+        shlex.join(["python", "-m", "bench.ui", "--study", study, *stores]),
+        shlex.join(["python", "-m", "reports", "--study", study, *stores]),
+    )
+
+
+def run_study(sweep, tuner) -> tuple[list[RunResult], list[str]]:
+    """Baselines, then every (method, ratio); a failed pair is reported and the sweep goes on.
+
+    Returns the final runs' results and one line per failed (method, ratio).
+    """
+    study = sweep.study
     for seed in study.seeds:
         sweep.baseline(seed)
     results, failures = [], []
-    from methods.base import Target
-
     for method in study.methods:
         for ratio in study.ratios:
             label = Target.parse(ratio).label
@@ -285,105 +333,33 @@ def main(argv: list[str] | None = None) -> int:
                     f"FAILED {method} @ {label}: {' '.join(str(err).split())[:200]}",
                     file=sys.stderr,
                 )
-    skipped = sum(r.skipped for r in results)
-    print(
-        f"\nstudy {study.name}: {len(results)} final runs ({skipped} already done, "
-        f"{len(results) - skipped} run now) in {time.perf_counter() - t0:.0f} s"
-    )
-    if skipped == len(results) and results:
-        print("nothing to train: every run of this study is already finished")
-    print(summary_table(results))
-    print(
-        f"\nbrowse the runs:  python -m bench.ui --study {study.name}"
-        + (f" --tracking-uri {tracking_uri}" if args.tracking_uri else "")
-    )
-    print(f"paper tables:     python -m reports --study {study.name}")
-    if failures:
-        print(
-            f"{len(failures)} (method, ratio) pairs failed (see their 'error' tag):",
-            file=sys.stderr,
-        )
-        for line in failures:
-            print(f"  {line[:300]}", file=sys.stderr)
-        return 1
-    return 0
+    return results, failures
 
 
-def run_method_ratio(sweep, tuner, method: str, ratio) -> list:
+def run_method_ratio(sweep, tuner, method: str, ratio) -> list[RunResult]:
     """The parent run of one (method, ratio): tuning (if any), then one final run per seed."""
-    from methods.base import Target, get_method_class
-
     study = sweep.study
-    label = Target.parse(ratio).label
-    cls = get_method_class(method)
-    # the parent stands for everything its finals depend on: the method's fixed hyperparameters
-    # (defaults + method_args) and, when tuning, the tuning config; a changed method_args or
-    # --no-tune is a new parent, never a stale summary of the old one
-    parent_key = sweep.compressed_key(
-        "parent",
-        method,
-        label,
-        -1,
-        sweep.method_defaults(method),
-        {
-            "tuning": dataclasses.asdict(study.tuning) if tuner is not None else None,
-            "seeds": list(study.seeds),
-        },
-    )
-    tags = {
-        **sweep.base_tags("parent", study.seeds[0]),
-        "run_key": parent_key,
-        "method": method,
-        "family": cls.family,
-        "structured": str(cls.structured).lower(),
-        "ratio": label,
-    }
-    done = sweep.tracker.finished(parent_key)
+    spec = RunSpec.parent(study, method, ratio)
+    done = sweep.tracker.finished(spec.key)
     if done is not None:  # everything below it finished: rebuild the results from MLflow
         keys = [k for k in done.data.tags.get("final_keys", "").split(",") if k]
         runs = [sweep.tracker.finished(k) for k in keys]
         if keys and all(runs):
-            return [
-                _result(method, label, int(r.data.tags.get("seed", 0)), r, skipped=True)
-                for r in runs
-            ]
+            return [RunResult.recorded(r, skipped=True) for r in runs]
     results = []
-    with sweep.tracker.run(f"{method}-{label}", tags) as parent:
+    with sweep.tracker.run(spec.name, spec.tags(study.name, sweep.sha)) as parent:
         sets = _hyperparameter_sets(sweep, tuner, method, ratio, parent)
         for index, (hps, source) in enumerate(sets):
             for seed in study.seeds:
-                extra = {"params_source": source}
+                tags = {"params_source": source}
                 if len(sets) > 1:
-                    extra["pareto_index"] = index
-                results.append(
-                    sweep.compressed_run(
-                        stage="final",
-                        method=method,
-                        ratio=ratio,
-                        seed=seed,
-                        hps=hps,
-                        parent=parent,
-                        extra_tags=extra,
-                    )
-                )
+                    tags["pareto_index"] = index
+                final = RunSpec.final(study, method, ratio, seed, hps, extra_tags=tags)
+                results.append(sweep.compressed_run(final, parent=parent))
         if tuner is None:
             parent.log_params({f"best.{k}": v for k, v in sets[0][0].items()})
         parent.set_tags({"final_keys": ",".join(r.run_key for r in results)})
     return results
-
-
-def _result(method, label, seed, run, skipped):
-    from bench.runner import RunResult
-
-    return RunResult(
-        method,
-        label,
-        seed,
-        "final",
-        dict(run.data.metrics),
-        run.data.tags.get("run_key", ""),
-        skipped=skipped,
-    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from bench.paths import results_dir
 
-__all__ = ["RunHandle", "Tracker", "TrackingError", "git_sha"]
+__all__ = ["RunHandle", "Tracker", "TrackingError", "git_sha", "worker_id", "worker_is_dead"]
 
 
 class TrackingError(RuntimeError):
@@ -59,18 +59,26 @@ def git_sha() -> str:
     return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
 
 
-def _worker() -> str:
+def worker_id() -> str:
+    """``host:pid`` of this process: the ``worker`` tag of its runs and trials."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def worker_is_dead(worker: str) -> bool:
+    """``worker`` (a :func:`worker_id`) is a process of this host that no longer runs.
+
+    Workers of other hosts (a shared store) are never called dead: their pids mean nothing here.
+    """
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
         return False
-    except PermissionError:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
-    return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _one_line(text: str, limit: int = 480) -> str:
@@ -203,12 +211,9 @@ class Tracker:
 
         Runs of workers on other hosts (a shared tracking server) are left alone.
         """
-        host = socket.gethostname()
         stale = 0
         for run in self.runs(statuses=("RUNNING",)):
-            worker = run.data.tags.get("worker", "")
-            run_host, _, pid = worker.rpartition(":")
-            if run_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            if worker_is_dead(run.data.tags.get("worker", "")):
                 self.client.set_tag(run.info.run_id, "error", "process died; rerun resumes")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 stale += 1
@@ -225,7 +230,7 @@ class Tracker:
     ) -> Iterator[RunHandle]:
         """Start a run; FINISHED on success, FAILED (with an ``error`` tag) on an exception,
         KILLED on an interrupt. The exception propagates."""
-        all_tags = {"worker": _worker(), **{k: str(v) for k, v in tags.items()}}
+        all_tags = {"worker": worker_id(), **{k: str(v) for k, v in tags.items()}}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)

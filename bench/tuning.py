@@ -3,9 +3,10 @@
 One Optuna study per (sweep study, model, dataset, method, ratio) in the sweep's storage. Each trial
 asks the method's own ``search_space`` (``study.ask(fixed_distributions)``: methods never see a
 trial), compresses the baseline, fine-tunes for ``tuning.epochs`` and reports validation top-1 per
-epoch, so the MedianPruner stops hopeless trials. The objective is validation accuracy subject to
-the achieved params ratio meeting the target (``trial.set_constraint``); ``mode: pareto`` maximises
-accuracy and minimises MACs with NSGA-II instead. The test split is never used here.
+epoch, so the pruner stops hopeless trials (sampler and pruner by name: ``bench.samplers``). The
+objective is validation accuracy subject to the achieved params ratio meeting the target
+(``trial.set_constraint``); ``mode: pareto`` maximises accuracy and minimises MACs with NSGA-II
+instead. The test split is never used here.
 
 The first trial of a new study runs the method's defaults (``tuning.defaults_first``), so the
 tuned configuration is never below the defaults on validation. A study remembers a fingerprint of
@@ -22,13 +23,16 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from bench.runner import Sweep
+from bench.runs import BaselineSpec, RunSpec, after_compression, method_defaults
+from bench.samplers import PRUNERS, SAMPLERS, pareto_sampler
 from bench.study import config_hash
+from bench.tracking import worker_id, worker_is_dead
 from bench.training import NonFiniteLoss
 from methods.base import MethodConfigError, Target, get_method_class
 
@@ -45,27 +49,19 @@ class _Pruned(optuna.TrialPruned):
     run_status = "FINISHED"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Tuner:
-    """Runs the tuning stage of a :class:`bench.runner.Sweep`."""
+    """Runs the tuning stage of a :class:`bench.runner.Sweep` (one Optuna study per (method,
+    ratio) in the storage at ``storage_url``)."""
 
-    def __init__(self, sweep, storage_url: str) -> None:
+    def __init__(self, sweep: Sweep, storage_url: str) -> None:
         self.sweep = sweep
         self.cfg = sweep.study.tuning
         self.storage_url = storage_url
         self._storage = None
 
     @property
-    def storage(self):
+    def storage(self) -> optuna.storages.RDBStorage:
+        """The Optuna storage, opened on first use; the Tuner's studies live in it."""
         if self._storage is None:
             if self.storage_url.startswith("sqlite:///"):
                 path = self.storage_url.removeprefix("sqlite:///")
@@ -83,13 +79,13 @@ class Tuner:
 
     def fingerprint(self, method: str) -> str:
         """A hash of everything a trial's value depends on besides its own parameters."""
-        sweep = self.sweep
+        study = self.sweep.study
         return config_hash(
             {
-                "fixed": sweep.method_defaults(method),
+                "fixed": method_defaults(study, method),
                 "searched": sorted(self._space(method)),
-                "baseline": sweep.baseline_key(sweep.study.seeds[0]),
-                **sweep.after_compression(),
+                "baseline": BaselineSpec.of(study, study.seeds[0]).key,
+                **after_compression(study.finetune, study.bn_recalibration_batches),
                 "tuning": {k: getattr(self.cfg, k) for k in ("epochs", "mode", "metric")},
             }
         )
@@ -125,7 +121,7 @@ class Tuner:
         if "fingerprint" not in study.user_attrs:
             study.set_user_attr("fingerprint", self.fingerprint(method))
         if self.cfg.defaults_first and not study.get_trials(deepcopy=False):
-            defaults = self.sweep.method_defaults(method)
+            defaults = method_defaults(self.sweep.study, method)
             study.enqueue_trial(
                 {k: defaults[k] for k in self._space(method)},
                 user_attrs={"source": "defaults"},
@@ -134,34 +130,21 @@ class Tuner:
         return study
 
     def _create(self, method: str, ratio) -> optuna.Study:
-        seed = self.cfg.seed
-        if self.cfg.mode == "pareto":
-            sampler = optuna.samplers.NSGAIISampler(seed=seed)
-            return optuna.create_study(
-                storage=self.storage,
-                study_name=self.study_name(method, ratio),
-                directions=["maximize", "minimize"],
-                sampler=sampler,
-                load_if_exists=True,
-            )
-        if self.cfg.sampler == "random":
-            sampler = optuna.samplers.RandomSampler(seed=seed)
+        """Create (or load) the Optuna study of (method, ratio), its sampler and pruner by name."""
+        cfg = self.cfg
+        if cfg.mode == "pareto":  # accuracy up, MACs down; Optuna cannot prune multi-objective
+            how = {"directions": ["maximize", "minimize"], "sampler": pareto_sampler(cfg)}
         else:
-            sampler = optuna.samplers.TPESampler(
-                seed=seed, n_startup_trials=min(10, max(2, self.cfg.trials // 2))
-            )
-        pruner = (
-            optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-            if self.cfg.pruner == "median"
-            else optuna.pruners.NopPruner()
-        )
+            how = {
+                "direction": "maximize",
+                "sampler": SAMPLERS[cfg.sampler](cfg),
+                "pruner": PRUNERS[cfg.pruner](cfg),
+            }
         return optuna.create_study(
             storage=self.storage,
             study_name=self.study_name(method, ratio),
-            direction="maximize",
-            sampler=sampler,
-            pruner=pruner,
             load_if_exists=True,
+            **how,
         )
 
     # --------------------------------------------------------------------------------- status
@@ -175,12 +158,13 @@ class Tuner:
         return f"{min(done, self.cfg.trials)}/{self.cfg.trials} trials complete"
 
     def _fail_stale(self, study: optuna.Study) -> int:
-        host, n = socket.gethostname(), 0
+        """Mark FAIL the trials left RUNNING by a dead process of this host; returns how many."""
+        storage, n = self.storage, 0
+        study_id = storage.get_study_id_from_name(study.study_name)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = trial.user_attrs.get("worker", "")
-            whost, _, pid = worker.rpartition(":")
-            if whost == host and pid.isdigit() and not _alive(int(pid)):
-                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if worker_is_dead(trial.user_attrs.get("worker", "")):
+                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                storage.set_trial_state_values(trial_id, TrialState.FAIL)
                 n += 1
         return n
 
@@ -193,7 +177,7 @@ class Tuner:
         if stale:
             sweep.say(f"tune {method} @ {ratio}: {stale} stale trials marked FAIL")
         space = self._space(method)
-        defaults = sweep.method_defaults(method)
+        defaults = method_defaults(sweep.study, method)
         target = Target.parse(ratio)
         parent.set_tags({"optuna_study": study.study_name, "optuna_storage": self.storage_url})
 
@@ -212,41 +196,23 @@ class Tuner:
         return self._best(study, defaults, parent)
 
     def _one_trial(self, study, method, ratio, target, space, defaults, parent) -> None:
-        sweep, cfg = self.sweep, self.cfg
+        """Ask one trial, run it (``bench.runs.RunSpec.trial``) and tell Optuna how it ended."""
+        sweep, pareto = self.sweep, self.cfg.mode == "pareto"
         trial = study.ask(fixed_distributions=space)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", worker_id())
         hps = {**defaults, **trial.params}
-        seed = sweep.study.seeds[0]
-        key = sweep.compressed_key(
-            "tune",
-            method,
-            target.label,
-            seed,
-            hps,
-            {"trial": trial.number, "optuna_study": study.study_name},
+        spec = RunSpec.trial(
+            sweep.study, method, ratio, hps, number=trial.number, optuna_study=study.study_name
         )
-        pareto = cfg.mode == "pareto"
-        epochs = cfg.epochs if cfg.epochs is not None else sweep.finetune_recipe.epochs
-        n_reports = math.ceil(epochs - 1e-9)  # one report per (possibly partial) epoch
+        key = spec.key
+        n_reports = math.ceil(spec.finetune_epochs - 1e-9)  # one per (possibly partial) epoch
 
         def on_epoch(result):
             if not pareto:  # Optuna has no pruning for multi-objective studies
                 report(trial, result.val_top1, result.epoch, n_reports)
 
-        tags = {"trial_number": trial.number, "optuna_study": study.study_name}
         try:
-            res = sweep.compressed_run(
-                stage="tune",
-                method=method,
-                ratio=ratio,
-                seed=seed,
-                hps=hps,
-                parent=parent,
-                run_key=key,
-                extra_tags=tags,
-                on_epoch=on_epoch,
-                epochs=cfg.epochs,
-            )
+            res = sweep.compressed_run(spec, parent=parent, on_epoch=on_epoch)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             self._tag_state(key, "PRUNED")

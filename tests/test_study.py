@@ -84,3 +84,32 @@ def test_config_hash_is_stable_and_sensitive():
     a = {"b": 1, "a": [1, 2]}
     assert config_hash(a) == config_hash({"a": [1, 2], "b": 1})
     assert config_hash(a) != config_hash({"a": [1, 2], "b": 2})
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("tuning.sampler=cmaes", "tuning.sampler 'cmaes' must be one of ('tpe', 'random')"),
+        ("tuning.pruner=hyperband", "tuning.pruner 'hyperband' must be one of ('median', 'none')"),
+    ],
+)
+def test_unknown_sampler_or_pruner_is_a_one_line_study_error(tmp_path, override, expected):
+    path = str(write(tmp_path, GOOD))
+    with pytest.raises(StudyError) as err:
+        load_study(path, (override,))
+    assert str(err.value) == f"{path}: tuning: {expected}"
+
+
+def test_every_registered_sampler_and_pruner_builds():
+    import optuna
+
+    from bench.samplers import PRUNERS, SAMPLERS, pareto_sampler
+    from bench.study import TuningConfig
+
+    for name, factory in SAMPLERS.items():
+        assert isinstance(
+            factory(TuningConfig(sampler=name, trials=4)), optuna.samplers.BaseSampler
+        )
+    for name, factory in PRUNERS.items():
+        assert isinstance(factory(TuningConfig(pruner=name)), optuna.pruners.BasePruner)
+    assert isinstance(pareto_sampler(TuningConfig(mode="pareto")), optuna.samplers.NSGAIISampler)

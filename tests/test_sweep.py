@@ -1,6 +1,7 @@
 """The sweep end to end on the `smoke` study: runs, MLflow records, resume, bad inputs."""
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bench.cli import main_guard
-from bench.paths import default_tracking_uri
+from bench.paths import default_storage, default_tracking_uri
 from bench.sweep import main as sweep_main
+from bench.sweep import next_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ("--set", "latency.min_run_time=0.01", "--no-preflight")
@@ -151,6 +153,40 @@ def test_bn_recalibration_can_be_turned_off(smoke_results, monkeypatch, capsys):
     assert len(off) == 1 and "val_top1_pre_bn" not in off[0].data.metrics
 
 
+@needs_fmnist
+def test_printed_next_commands_work_as_printed(smoke_results, monkeypatch, capsys, tmp_path):
+    # the module's results folder: its baseline checkpoint is reused, only the finals run again
+    monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
+    uri = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    assert sweep("--tracking-uri", uri, *FAST) == 0
+    lines = capsys.readouterr().out.splitlines()
+    browse = next(x for x in lines if x.startswith("browse the runs:")).split(":", 1)[1].strip()
+    report = next(x for x in lines if x.startswith("paper tables:")).split(":", 1)[1].strip()
+    assert shlex.split(browse)[-2:] == shlex.split(report)[-2:] == ["--tracking-uri", uri]
+    out = smoke_results / "smoke" / "report"
+    assert not out.exists()
+    # run the line as printed, in a shell whose `python` is this interpreter, same environment
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        report, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "index.html").is_file() and (out / "summary.csv").is_file()
+
+
+def test_next_commands_name_the_stores_only_when_not_the_defaults(results, tmp_path):
+    browse, report = next_commands("smoke", default_tracking_uri(), default_storage())
+    assert browse == "python -m bench.ui --study smoke"
+    assert report == "python -m reports --study smoke"
+    uri, storage = f"sqlite:///{tmp_path}/my runs.db", f"sqlite:///{tmp_path}/tuning.db"
+    browse, report = next_commands("smoke", uri, storage)
+    for line, prog in ((browse, "bench.ui"), (report, "reports")):
+        argv = ["python", "-m", prog, "--study", "smoke", "--tracking-uri", uri]
+        assert shlex.split(line) == [*argv, "--storage", storage]
+    # no tuning ran (storage None): --storage would name a store the sweep never used
+    assert "--storage" not in next_commands("smoke", uri, None)[1]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -187,3 +223,12 @@ def test_cli_subprocess_exit_code(results):
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "ratios[0]" in proc.stderr
+
+
+def test_usage_errors_need_no_import_and_cli_loads_no_torch():
+    code = (
+        "import sys, bench.cli as c; assert 'torch' not in sys.modules, 'torch'; "
+        "assert c.usage_errors() == (c.UsageError,); import bench.study as s; "
+        "assert s.StudyError in c.usage_errors()"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -29,21 +29,17 @@ def small_net() -> nn.Sequential:
     )
 
 
+def recalibrate(net, split, *, batches: int, batch_size: int, seed: int) -> int:
+    gen = torch.Generator().manual_seed(seed)
+    return recalibrate_bn(net, split, batches=batches, batch_size=batch_size, generator=gen)
+
+
 def test_statistics_are_the_average_over_the_batches_seen(synthetic):
     net = small_net().eval()
     net[1].running_mean.fill_(7.0)  # stale statistics, as after removing filters
     net[1].running_var.fill_(9.0)
     weights = copy.deepcopy(net.state_dict())
-    assert (
-        recalibrate_bn(
-            net,
-            synthetic.train,
-            batches=3,
-            batch_size=32,
-            generator=torch.Generator().manual_seed(1),
-        )
-        == 2
-    )
+    assert recalibrate(net, synthetic.train, batches=3, batch_size=32, seed=1) == 2
     seen = list(
         synthetic.train.batches(
             32, shuffle=True, augment=True, generator=torch.Generator().manual_seed(1)
@@ -73,13 +69,7 @@ def test_recalibrated_outputs_ignore_a_rescaled_layer(synthetic):
     x = next(synthetic.val.batches(8, shuffle=False, augment=False))[0]
     assert not torch.allclose(ref.eval()(x), scaled.eval()(x), atol=1e-2)
     for net in (ref, scaled):
-        recalibrate_bn(
-            net,
-            synthetic.train,
-            batches=2,
-            batch_size=48,
-            generator=torch.Generator().manual_seed(0),
-        )
+        recalibrate(net, synthetic.train, batches=2, batch_size=48, seed=0)
     torch.testing.assert_close(ref(x), scaled(x), rtol=1e-3, atol=1e-3)
 
 
