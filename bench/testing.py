@@ -3,7 +3,8 @@
 Each check is a plain function ``check_*(case)`` that raises ``AssertionError`` with a message
 naming the method; ``tests/test_contract.py`` parametrises them over ``list_methods()`` x
 ``CONTRACT_MODELS``, so a new method is tested without anyone writing a new test. Plugin authors
-can call :func:`run_contract` on their own method.
+can call :func:`run_contract` on their own method, and register toy methods for their own tests
+inside :func:`temporary_registry`.
 
 What the contract asks of a method (DESIGN.md, "Methods"):
 
@@ -17,14 +18,17 @@ What the contract asks of a method (DESIGN.md, "Methods"):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from methods import base
 from methods.base import (
     CalibData,
     CompressionMethod,
@@ -40,7 +44,29 @@ __all__ = [
     "ContractCase",
     "SyntheticFinetune",
     "run_contract",
+    "temporary_registry",
 ]
+
+
+@contextlib.contextmanager
+def temporary_registry() -> Iterator[None]:
+    """Forget, at the end of the block, every method registered inside it.
+
+    For tests that register a toy method or import a plugin in-process: the registry is restored
+    to what it was, and the modules of the methods registered inside are dropped from
+    ``sys.modules``, so importing the plugin again (``--plugin``) registers it again.
+    """
+    before = dict(base._REGISTRY)
+    modules = set(sys.modules)
+    try:
+        yield
+    finally:
+        added = [cls for name, cls in base._REGISTRY.items() if before.get(name) is not cls]
+        base._REGISTRY.clear()
+        base._REGISTRY.update(before)
+        for cls in added:
+            if cls.__module__ not in modules:
+                sys.modules.pop(cls.__module__, None)
 
 
 class SyntheticFinetune:

@@ -1,4 +1,5 @@
-"""Shared test setup: offline, quiet, CPU, two threads; each test gets its own results folder."""
+"""Shared test setup: offline, quiet, CPU, two threads; each test gets its own results folder and
+starts with the package's methods only (what a test registers is forgotten after it)."""
 
 import os
 
@@ -9,7 +10,20 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest
 import torch
 
+import methods
+from bench.testing import temporary_registry
+
 torch.set_num_threads(2)
+
+# the methods of the package, before any test registered a toy method or imported a plugin
+PACKAGE_METHODS = tuple(methods.list_methods())
+
+
+@pytest.fixture(autouse=True)
+def _isolated_registry():
+    """Every test sees the package's methods; toy methods and in-process plugins do not leak."""
+    with temporary_registry():
+        yield
 
 
 @pytest.fixture
