@@ -35,6 +35,7 @@ import contextlib
 import copy
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -50,6 +51,10 @@ from bench._contract_case import CONTRACT_MODELS, ContractCase, SyntheticFinetun
 from bench.footprint import deployable
 from methods import base
 from methods.base import (
+    CalibData,
+    CompressionMethod,
+    CompressionWarning,
+    Finetune,
     LayerCountError,
     MethodConfigError,
     Target,
@@ -65,6 +70,7 @@ __all__ = [
     "CONTRACT_MODELS",
     "ContractCase",
     "SyntheticFinetune",
+    "compress_quietly",
     "run_contract",
     "temporary_registry",
 ]
@@ -89,6 +95,25 @@ def temporary_registry() -> Iterator[None]:
         for cls in added:
             if cls.__module__ not in modules:
                 sys.modules.pop(cls.__module__, None)
+
+
+def compress_quietly(
+    method: CompressionMethod,
+    model: nn.Module,
+    target: Target,
+    data: CalibData,
+    finetune: Finetune | None = None,
+    *,
+    seed: int | None = 0,
+) -> nn.Module:
+    """``method.compress`` for tests and benchmarks: under ``torch.manual_seed(seed)`` (None: not
+    seeded), ``CompressionWarning`` silenced, and no fine-tuning unless ``finetune`` is given."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompressionWarning)
+        finetune = finetune if finetune is not None else no_finetune()
+        return method.compress(model, target, data, finetune)
 
 
 def _achieved(dense: nn.Module, compressed: nn.Module) -> float:
