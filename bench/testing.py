@@ -3,35 +3,65 @@
 Each check is a plain function ``check_*(case)`` that raises ``AssertionError`` with a message
 naming the method; ``tests/test_contract.py`` parametrises them over ``list_methods()`` x
 ``CONTRACT_MODELS``, so a new method is tested without anyone writing a new test. Plugin authors
-can call :func:`run_contract` on their own method.
+can call :func:`run_contract` on their own method, and register toy methods for their own tests
+inside :func:`temporary_registry`.
 
-What the contract asks of a method (DESIGN.md, "Methods"):
+What the contract asks of a method (docs/design.md, "Methods"):
 
 - the achieved params ratio meets the target within its tolerance (stored params for unstructured);
 - outputs are finite and keep their shape;
 - the same seed gives the same compressed model;
+- the compressed model depends on the dense weights: two dense models with different weights,
+  compressed under the same seed (without fine-tuning), give different outputs (a method that
+  returns a freshly initialised net fails);
+- per-layer rates (HRank style, ``Target(layer_rates=...)``) of the right length are either
+  accepted (finite outputs, same shape, fewer stored params than dense) or refused with a one-line
+  ``MethodConfigError``; a wrong length is refused with ``LayerCountError``;
+- an unreachable ratio (1e6) raises a one-line ``MethodConfigError``, no other exception;
+- the deployable model the harness times (``bench.footprint.deployable``: a copy with every
+  parametrisation baked in) gives the compressed model's outputs (to 1e-4), and baking it leaves
+  the compressed model as it was;
 - hyperparameters round-trip through ``create_method``, and ``search_space`` names ``__init__``
   arguments whose defaults lie inside their distributions;
 - the compressed state (masks, fixed patterns, shapes) survives fine-tuning.
+
+The models, data and fine-tuning the checks run on are in ``bench/_contract_case.py``; the checks
+of one case share one compression there, so the suite stays fast (determinism compresses again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from torch import nn
 
+from bench._contract_case import CONTRACT_MODELS, ContractCase, SyntheticFinetune
+from bench.footprint import deployable
+from methods import base
 from methods.base import (
     CalibData,
     CompressionMethod,
+    CompressionWarning,
+    Finetune,
+    LayerCountError,
+    MethodConfigError,
     Target,
     count_params,
     create_method,
     get_method_class,
+    no_finetune,
     stored_params,
 )
 
@@ -40,138 +70,183 @@ __all__ = [
     "CONTRACT_MODELS",
     "ContractCase",
     "SyntheticFinetune",
+    "compress_quietly",
     "run_contract",
+    "temporary_registry",
 ]
 
 
-class SyntheticFinetune:
-    """A real ``Finetune`` on synthetic batches: a few SGD steps per "epoch", for tests only.
+@contextlib.contextmanager
+def temporary_registry() -> Iterator[None]:
+    """Forget, at the end of the block, every method registered inside it.
 
-    It trains (so masks and fixed patterns are exercised by real optimizer steps) but stays fast:
-    one epoch = the calibration batches once.
+    For tests that register a toy method or import a plugin in-process: the registry is restored
+    to what it was, and the modules of the methods registered inside are dropped from
+    ``sys.modules``, so importing the plugin again (``--plugin``) registers it again.
     """
-
-    def __init__(self, data: CalibData, lr: float = 0.01) -> None:
-        self.data = data
-        self.lr = lr
-        self.logged: list[tuple[int, dict[str, float]]] = []
-        self.epochs_trained = 0.0
-
-    def __call__(self, model: nn.Module, epochs: float, *, regularizer=None) -> float:
-        batches = self.data.take(10**6)
-        steps = max(1, round(epochs * len(batches))) if epochs > 0 else 0
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=self.lr)
-        model.train()
-        for i in range(steps):
-            x, y = batches[i % len(batches)]
-            loss = nn.functional.cross_entropy(model(x), y)
-            extra = regularizer(model) if regularizer is not None else None
-            if extra is not None:
-                loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        self.epochs_trained += epochs
-        model.eval()
-        with torch.no_grad():
-            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
-        return 100.0 * correct / sum(len(y) for _, y in batches)
-
-    def log(self, metrics, step: int) -> None:
-        self.logged.append((step, dict(metrics)))
+    before = dict(base._REGISTRY)
+    modules = set(sys.modules)
+    try:
+        yield
+    finally:
+        added = [cls for name, cls in base._REGISTRY.items() if before.get(name) is not cls]
+        base._REGISTRY.clear()
+        base._REGISTRY.update(before)
+        for cls in added:
+            if cls.__module__ not in modules:
+                sys.modules.pop(cls.__module__, None)
 
 
-def _tiny_vgg() -> nn.Module:
-    import bench.models
-
-    return bench.models.create_model("vgg16_bn_cifar", num_classes=10, in_chans=3, width=0.125)
-
-
-def _tiny_resnet() -> nn.Module:
-    import bench.models
-
-    return bench.models.create_model("resnet20_cifar", num_classes=10, in_chans=3, width=0.5)
-
-
-# Small models the contract runs on: a plain conv chain and a residual net (input 3 x 16 x 16).
-CONTRACT_MODELS: dict[str, Callable[[], nn.Module]] = {
-    "vgg": _tiny_vgg,
-    "resnet": _tiny_resnet,
-}
-
-
-@dataclass
-class ContractCase:
-    """One method on one model: builds fresh dense models and data on demand."""
-
-    method: str
-    model_factory: Callable[[], nn.Module]
-    input_shape: tuple[int, int, int] = (3, 16, 16)
-    num_classes: int = 10
-    ratio: float = 2.0
-    hyperparameters: dict = field(default_factory=dict)
-
-    def dense(self, seed: int = 0) -> nn.Module:
+def compress_quietly(
+    method: CompressionMethod,
+    model: nn.Module,
+    target: Target,
+    data: CalibData,
+    finetune: Finetune | None = None,
+    *,
+    seed: int | None = 0,
+) -> nn.Module:
+    """``method.compress`` for tests and benchmarks: under ``torch.manual_seed(seed)`` (None: not
+    seeded), ``CompressionWarning`` silenced, and no fine-tuning unless ``finetune`` is given."""
+    if seed is not None:
         torch.manual_seed(seed)
-        return self.model_factory().eval()
-
-    def data(self) -> CalibData:
-        return CalibData.synthetic(self.input_shape, self.num_classes, n_batches=3, batch_size=16)
-
-    def build(self) -> CompressionMethod:
-        return create_method(self.method, **self.hyperparameters)
-
-    def compress(self, seed: int = 0) -> tuple[CompressionMethod, nn.Module, nn.Module]:
-        """(method, dense, compressed) with every RNG seeded by ``seed``."""
-        dense = self.dense(seed)
-        method = self.build()
-        torch.manual_seed(seed)
-        data = self.data()
-        compressed = method.compress(
-            copy.deepcopy(dense), Target(ratio=self.ratio), data, SyntheticFinetune(data)
-        )
-        return method, dense, compressed
-
-    def probe(self) -> torch.Tensor:
-        return torch.randn(4, *self.input_shape, generator=torch.Generator().manual_seed(123))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompressionWarning)
+        finetune = finetune if finetune is not None else no_finetune()
+        return method.compress(model, target, data, finetune)
 
 
-def _achieved(method: CompressionMethod, dense: nn.Module, compressed: nn.Module) -> float:
+def _achieved(dense: nn.Module, compressed: nn.Module) -> float:
     return count_params(dense) / stored_params(compressed)
 
 
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
 def check_ratio(case: ContractCase) -> None:
-    method, dense, compressed = case.compress()
-    achieved = _achieved(method, dense, compressed)
+    _, dense, compressed = case.compress()
+    achieved = _achieved(dense, compressed)
     assert abs(achieved / case.ratio - 1) <= Target(ratio=case.ratio).tolerance + 1e-9, (
         f"{case.method}: achieved params ratio {achieved:.3f}, target {case.ratio}"
     )
-    if method.structured:
+    if get_method_class(case.method).structured:
         dense_ratio = count_params(dense) / count_params(compressed)
         assert dense_ratio > 1.0, (
             f"{case.method} is structured but its dense param count did not drop"
         )
 
 
-def check_outputs(case: ContractCase) -> None:
-    _, dense, compressed = case.compress()
+def _check_finite_and_shaped(case: ContractCase, dense: nn.Module, compressed: nn.Module) -> None:
     x = case.probe()
-    with torch.no_grad():
-        y_dense, y = dense.eval()(x), compressed.eval()(x)
+    y_dense, y = _outputs(dense, x), _outputs(compressed, x)
     assert y.shape == y_dense.shape, f"{case.method}: output shape {y.shape} != {y_dense.shape}"
     assert torch.isfinite(y).all(), f"{case.method}: non-finite outputs"
 
 
+def check_outputs(case: ContractCase) -> None:
+    _, dense, compressed = case.compress()
+    _check_finite_and_shaped(case, dense, compressed)
+
+
 def check_determinism(case: ContractCase) -> None:
     x = case.probe()
-    outs = []
-    for _ in range(2):
-        _, _, compressed = case.compress(seed=7)
-        with torch.no_grad():
-            outs.append(compressed.eval()(x))
+    outs = [_outputs(case.compress(fresh=fresh)[2], x) for fresh in (False, True)]
     assert torch.allclose(outs[0], outs[1], atol=1e-5), (
         f"{case.method}: two compressions under the same seed differ"
     )
+
+
+def check_uses_dense_weights(case: ContractCase) -> None:
+    x = case.probe()
+    outs = []
+    for weights in (0, 1):  # two dense models, the same compression seed, no training
+        _, _, compressed = case.compress_with(
+            Target(ratio=case.ratio), seed=0, weights=weights, finetune=no_finetune()
+        )
+        outs.append(_outputs(compressed, x))
+    assert not torch.allclose(outs[0], outs[1], atol=1e-5), (
+        f"{case.method}: dense models with different weights compress to the same outputs: "
+        "the compressed model must be built from the dense weights, not freshly initialised"
+    )
+
+
+def _one_line(case: ContractCase, err: MethodConfigError, what: str) -> None:
+    assert "\n" not in str(err).strip(), (
+        f"{case.method}: the MethodConfigError for {what} is not one line: {err}"
+    )
+
+
+def check_layer_rates(case: ContractCase) -> None:
+    # the right count is learnt from the method itself: one rate first, then what it asks for
+    rates: tuple[float, ...] = (0.5,)
+    for attempt in range(2):
+        try:
+            _, dense, compressed = case.compress_with(Target(layer_rates=rates))
+        except LayerCountError as err:
+            assert attempt == 0, f"{case.method}: asked for {len(rates)} layer rates, then: {err}"
+            _one_line(case, err, "a wrong number of layer rates")
+            rates = (0.5,) * err.expected
+            continue
+        except MethodConfigError as err:  # the method does not take layer rates: allowed
+            _one_line(case, err, "layer rates")
+            return
+        except Exception as err:
+            raise AssertionError(
+                f"{case.method}: layer rates {list(rates)} raised {type(err).__name__} ({err}); "
+                "accept them or refuse them with MethodConfigError"
+            ) from err
+        _check_finite_and_shaped(case, dense, compressed)
+        assert stored_params(compressed) < count_params(dense), (
+            f"{case.method}: layer rates {list(rates)} stored no fewer params than dense"
+        )
+        return
+
+
+def check_unreachable_ratio(case: ContractCase) -> None:
+    ratio = 1e6
+    try:
+        case.compress_with(Target(ratio=ratio), finetune=no_finetune())
+    except MethodConfigError as err:
+        _one_line(case, err, f"ratio {ratio:g}")
+        return
+    except Exception as err:
+        raise AssertionError(
+            f"{case.method}: ratio {ratio:g} raised {type(err).__name__} ({err}), "
+            "not MethodConfigError"
+        ) from err
+    raise AssertionError(f"{case.method}: ratio {ratio:g} is out of reach but nothing was raised")
+
+
+def check_deployed_outputs(case: ContractCase) -> None:
+    _, _, compressed = case.compress()
+    x = case.probe()
+    before = _outputs(compressed, x)
+    deployed = _outputs(deployable(compressed), x)
+    assert torch.allclose(deployed, before, rtol=1e-4, atol=1e-4), (
+        f"{case.method}: the deployed model's outputs differ from the compressed model's by "
+        f"{float((deployed - before).abs().max()):.2e}"
+    )
+    assert torch.equal(_outputs(compressed, x), before), (
+        f"{case.method}: baking a copy for deployment changed the compressed model"
+    )
+
+
+def _contains(dist: BaseDistribution, value) -> bool:
+    """Whether ``value`` is one of the values ``dist`` can suggest (Optuna's public attributes)."""
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(dist, FloatDistribution | IntDistribution):
+        if not isinstance(value, int | float):
+            return False
+        if not dist.low <= value <= dist.high:
+            return False
+        if dist.step is None:
+            return True
+        steps = (value - dist.low) / dist.step
+        return math.isclose(steps, round(steps), abs_tol=1e-8)
+    raise AssertionError(f"unsupported distribution {dist!r}")
 
 
 def check_hyperparameters(case: ContractCase) -> None:
@@ -185,8 +260,7 @@ def check_hyperparameters(case: ContractCase) -> None:
         assert key in defaults, (
             f"{case.method}.search_space names {key!r}, not an __init__ argument"
         )
-        internal = dist.to_internal_repr(defaults[key])
-        assert dist._contains(internal), (
+        assert _contains(dist, defaults[key]), (
             f"{case.method}: default {key}={defaults[key]!r} lies outside its search space {dist}"
         )
 
@@ -210,13 +284,17 @@ def check_survives_finetune(case: ContractCase) -> None:
     # the state dict reloads into the compressed structure (what the harness saves as an artifact)
     clone = copy.deepcopy(compressed)
     clone.load_state_dict(compressed.state_dict())
-    assert math.isclose(_achieved(method, dense, clone), _achieved(method, dense, compressed))
+    assert math.isclose(_achieved(dense, clone), _achieved(dense, compressed))
 
 
 CONTRACT_CHECKS: dict[str, Callable[[ContractCase], None]] = {
     "ratio": check_ratio,
     "outputs": check_outputs,
     "determinism": check_determinism,
+    "uses_dense_weights": check_uses_dense_weights,
+    "layer_rates": check_layer_rates,
+    "unreachable_ratio": check_unreachable_ratio,
+    "deployed_outputs": check_deployed_outputs,
     "hyperparameters": check_hyperparameters,
     "survives_finetune": check_survives_finetune,
 }

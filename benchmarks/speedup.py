@@ -20,7 +20,6 @@ import argparse
 import copy
 import os
 import sys
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,14 +29,13 @@ import torch
 import bench.models
 import methods
 from bench.footprint import count_macs, measure_latency
+from bench.testing import compress_quietly
 from methods.base import (
     CalibData,
-    CompressionWarning,
     MethodConfigError,
     Target,
     count_params,
     create_method,
-    no_finetune,
     stored_params,
 )
 
@@ -88,13 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in ratios:
             row = {"method": name, "target": ratio}
             method = create_method(name)
-            torch.manual_seed(0)
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", CompressionWarning)
-                    model = method.compress(
-                        copy.deepcopy(dense), Target(ratio=ratio), data, no_finetune()
-                    ).eval()
+                model = compress_quietly(method, copy.deepcopy(dense), Target(ratio=ratio), data)
+                model.eval()
             except MethodConfigError as err:
                 rows.append({**row, "note": str(err)})
                 continue

@@ -47,6 +47,7 @@ __all__ = [
     "CompressionMethod",
     "CompressionWarning",
     "Finetune",
+    "LayerCountError",
     "MethodConfigError",
     "Target",
     "count_params",
@@ -62,6 +63,17 @@ __all__ = [
 
 class MethodConfigError(ValueError):
     """A hyperparameter, target or rate specification that cannot work; the message is one line."""
+
+
+class LayerCountError(MethodConfigError):
+    """Per-layer rates whose count does not match the model's; ``expected`` is the right count."""
+
+    def __init__(self, message: str, expected: int) -> None:
+        super().__init__(message)
+        self.expected = expected
+
+    def __reduce__(self):  # picklable although __init__ takes two arguments
+        return type(self), (str(self), self.expected)
 
 
 class CompressionWarning(UserWarning):
@@ -191,9 +203,10 @@ class Target:
     def check_layer_count(self, n_layers: int, what: str = "prunable layers") -> None:
         """Raise a one-line error when per-layer rates do not match the model's layer count."""
         if self.layer_rates is not None and len(self.layer_rates) != n_layers:
-            raise MethodConfigError(
+            raise LayerCountError(
                 f"{len(self.layer_rates)} layer rates given but the model has {n_layers} {what}: "
-                f"give exactly {n_layers}"
+                f"give exactly {n_layers}",
+                expected=n_layers,
             )
 
     @property

@@ -1,4 +1,6 @@
-"""'Add a method' is first-class: the README's template, copied literally, runs the smoke sweep."""
+"""'Add a method' is first-class: the README's template, copied literally, runs the smoke sweep;
+and a method a test registers (a toy, or a plugin imported in-process) does not leak into the next.
+"""
 
 import os
 import re
@@ -7,8 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PACKAGE_METHODS
+
+import methods
+from bench.cli import import_plugins
+from bench.testing import temporary_registry
+from methods.base import CompressionMethod, register_method
 
 ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = str(Path(__file__).parent / "plugins")
 
 
 def readme_template() -> str:
@@ -70,3 +79,34 @@ def test_readme_template_runs_the_smoke_sweep(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"\| my_pruning \|\s+2 \|", proc.stdout), proc.stdout
     assert git_status() == before, "adding a method must not touch any file of the repository"
+
+
+class _Toy(CompressionMethod):
+    name = "toy_leak"
+    family = "spatial"
+
+
+# The next three tests run in this order (pytest keeps a file's order): registering in one test,
+# then looking at the registry in the following one.
+def test_a_test_registers_a_toy_and_imports_a_plugin(monkeypatch):
+    monkeypatch.syspath_prepend(PLUGINS)
+    assert methods.list_methods() == list(PACKAGE_METHODS)
+    register_method(_Toy)
+    import_plugins(["probe_method"])
+    assert {"toy_leak", "probe"} <= set(methods.list_methods())
+
+
+def test_the_next_test_sees_only_the_package_methods(monkeypatch):
+    assert methods.list_methods() == list(PACKAGE_METHODS)
+    assert "probe_method" not in sys.modules
+    # and the plugin registers again when imported again (its module was forgotten too)
+    monkeypatch.syspath_prepend(PLUGINS)
+    import_plugins(["probe_method"])
+    assert "probe" in methods.list_methods()
+
+
+def test_temporary_registry_restores_inside_one_test():
+    with temporary_registry():
+        register_method(_Toy)
+        assert "toy_leak" in methods.list_methods()
+    assert methods.list_methods() == list(PACKAGE_METHODS)

@@ -9,6 +9,7 @@ from methods import base
 from methods._masks import apply_mask, remove_masks
 from methods.base import (
     CompressionMethod,
+    LayerCountError,
     MethodConfigError,
     Target,
     count_params,
@@ -39,8 +40,9 @@ def test_target():
     assert Target.parse("[0.5]*2").layer_rates == (0.5, 0.5)
     with pytest.raises(MethodConfigError, match="> 1"):
         Target(ratio=1.0)
-    with pytest.raises(MethodConfigError, match="exactly 3"):
+    with pytest.raises(LayerCountError, match="exactly 3") as err:
         Target.parse("[0.5]*2").check_layer_count(3)
+    assert isinstance(err.value, MethodConfigError) and err.value.expected == 3
     assert Target.parse("[0.5]*2").label == "rates:0.5,0.5"
 
 
@@ -78,37 +80,35 @@ def test_registry_rejects_duplicates_and_bad_classes():
         def __init__(self, alpha: float = 0.5) -> None:
             self.alpha = alpha
 
-    try:
-        with pytest.raises(ValueError, match="already registered"):
+    # no clean-up here: tests/conftest.py forgets what a test registers (temporary_registry)
+    with pytest.raises(ValueError, match="already registered"):
 
-            @register_method
-            class Dummy2(CompressionMethod):
-                name = "dummy_test_method"
-                family = "spatial"
+        @register_method
+        class Dummy2(CompressionMethod):
+            name = "dummy_test_method"
+            family = "spatial"
 
-        with pytest.raises(ValueError, match="family"):
+    with pytest.raises(ValueError, match="family"):
 
-            @register_method
-            class Bad(CompressionMethod):
-                name = "bad_family"
-                family = "temporal"
+        @register_method
+        class Bad(CompressionMethod):
+            name = "bad_family"
+            family = "temporal"
 
-        with pytest.raises(ValueError, match="search_space"):
+    with pytest.raises(ValueError, match="search_space"):
 
-            @register_method
-            class Bad2(CompressionMethod):
-                name = "bad_space"
-                family = "spatial"
-                search_space = {"beta": None}
+        @register_method
+        class Bad2(CompressionMethod):
+            name = "bad_space"
+            family = "spatial"
+            search_space = {"beta": None}
 
-        m = base.create_method("dummy_test_method", alpha=0.25)
-        assert m.hyperparameters() == {"alpha": 0.25}
-        with pytest.raises(MethodConfigError, match="no hyperparameter 'beta'"):
-            base.create_method("dummy_test_method", beta=1)
-        with pytest.raises(MethodConfigError, match="did you mean 'dummy_test_method'"):
-            base.get_method_class("dummy_test_methd")
-    finally:
-        base._REGISTRY.pop("dummy_test_method", None)
+    m = base.create_method("dummy_test_method", alpha=0.25)
+    assert m.hyperparameters() == {"alpha": 0.25}
+    with pytest.raises(MethodConfigError, match="no hyperparameter 'beta'"):
+        base.create_method("dummy_test_method", beta=1)
+    with pytest.raises(MethodConfigError, match="did you mean 'dummy_test_method'"):
+        base.get_method_class("dummy_test_methd")
 
 
 def test_bake_parametrizations_is_safe_on_a_deep_copy():

@@ -1,17 +1,16 @@
 """``freq_lowrank``: DCT-domain sparse training, sampled low-rank rounds, deployment on factors."""
 
 import copy
-import functools
 import warnings
 
 import numpy as np
 import pytest
 import scipy.fft
-import timm
 import torch
+from conftest import fresh_vgg
 from torch import nn
 
-import bench.models  # noqa: F401  (registers vgg16_bn_cifar in timm)
+from bench.testing import compress_quietly
 from methods._dct import idct2
 from methods._lowrank import LowRank, build_lowrank, factorisable_layers
 from methods.base import (
@@ -35,14 +34,7 @@ from methods.freq_lowrank import (
 DATA = CalibData.synthetic((3, 16, 16), 10, n_batches=1, batch_size=8)
 
 
-@functools.cache
-def _vgg_once() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vgg16_bn_cifar", num_classes=10, in_chans=3, width=0.25).eval()
-
-
-def _vgg() -> nn.Module:
-    return copy.deepcopy(_vgg_once())
+_vgg = fresh_vgg  # a fresh copy of one seeded width-0.25 VGG-16-BN
 
 
 def _spatial_names(model: nn.Module) -> list[str]:
@@ -50,11 +42,7 @@ def _spatial_names(model: nn.Module) -> list[str]:
 
 
 def _compress(model, target, finetune=None, **hyper):
-    torch.manual_seed(0)
-    finetune = finetune if finetune is not None else no_finetune()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CompressionWarning)
-        return create_method("freq_lowrank", **hyper).compress(model, target, DATA, finetune)
+    return compress_quietly(create_method("freq_lowrank", **hyper), model, target, DATA, finetune)
 
 
 def test_dct_parametrisation_is_exact_and_trains_the_coefficients():

@@ -1,4 +1,5 @@
-"""DESIGN.md's rules of who may import whom, checked in fresh interpreters and in the source."""
+"""docs/design.md's rules of who may import whom, checked in fresh interpreters and in the source;
+and one name for one method everywhere (file, registry key, YAML)."""
 
 import ast
 import json
@@ -71,12 +72,37 @@ def test_bench_never_branches_on_a_method_name():
 
 
 def test_one_name_everywhere():
-    """Registry key == file name (random_pruning.py is the one exception: random.py would shadow
-    the standard library's random for scripts run from methods/)."""
+    """Registry key == file name, both ways (random_pruning.py is the one exception: random.py
+    would shadow the standard library's random for scripts run from methods/)."""
     import methods
     from methods.base import get_method_class
 
-    for name in methods.list_methods():
-        module = get_method_class(name).__module__.split(".")[-1]
-        assert module == name or (name, module) == ("random", "random_pruning")
-        assert (ROOT / "sweeps" / "quickstart.yaml").read_text().count(name) >= 1
+    modules = [get_method_class(name).__module__ for name in methods.list_methods()]
+    assert len(set(modules)) == len(modules), "one file registers one method"
+    registered = dict(zip(modules, methods.list_methods()))
+    for path in sorted((ROOT / "methods").glob("*.py")):
+        if path.stem.startswith("_") or path.stem == "base":
+            continue
+        name = registered.get(f"methods.{path.stem}")
+        assert name is not None, f"methods/{path.name} registers no method"
+        assert name == path.stem or (name, path.stem) == ("random", "random_pruning")
+    for module, name in registered.items():
+        assert module.startswith("methods."), f"{name!r} is registered by {module}, not methods/"
+
+
+def test_every_method_a_study_names_is_registered():
+    """What sweeps/*.yaml name (methods, method_args, the reference rows) exists; a new method
+    needs no YAML edit (quickstart lists the studies' methods, not necessarily every one)."""
+    import yaml
+
+    import methods
+    from bench.study import list_studies, load_study
+
+    registered = set(methods.list_methods())
+    for study_name in list_studies():
+        study = load_study(study_name)
+        named = set(study.methods) | set(study.method_args)
+        assert named <= registered, f"sweeps/{study_name}.yaml names {sorted(named - registered)}"
+    reference = yaml.safe_load((ROOT / "sweeps" / "reference.yaml").read_text())
+    named = {row["method"] for row in reference}
+    assert named <= registered, f"sweeps/reference.yaml names {sorted(named - registered)}"

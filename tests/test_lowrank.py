@@ -1,16 +1,13 @@
 """The shared low-rank plumbing: layer discovery, deployed forms, module swaps, rank allocation."""
 
-import copy
-import functools
 import math
 import warnings
 
 import pytest
-import timm
 import torch
+from conftest import fresh_vgg
 from torch import nn
 
-import bench.models  # noqa: F401  (registers vgg16_bn_cifar in timm)
 from methods._lowrank import (
     LayerInfo,
     LowRank,
@@ -26,16 +23,7 @@ from methods._lowrank import (
 from methods._modules import modules_in_run_order
 from methods.base import CompressionWarning, MethodConfigError, Target, count_params
 
-
-@functools.cache
-def _vgg_once() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vgg16_bn_cifar", num_classes=10, in_chans=3, width=0.25).eval()
-
-
-def _vgg() -> nn.Module:
-    """A fresh copy of one width-0.25 VGG-16-BN (built once per test file)."""
-    return copy.deepcopy(_vgg_once())
+_vgg = fresh_vgg  # a fresh copy of one seeded width-0.25 VGG-16-BN
 
 
 class _Swapped(nn.Module):

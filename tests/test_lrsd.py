@@ -1,16 +1,15 @@
 """``lrsd``: low-rank + sparse, fit to feature maps by an SVD-free solver; stored params by nnz."""
 
 import copy
-import functools
 import warnings
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
+from conftest import fresh_vgg
 from torch import nn
 
-import bench.models  # noqa: F401  (registers vgg16_bn_cifar in timm)
+from bench.testing import compress_quietly
 from methods._lrsd_solver import greedy_bilateral, input_covariance, reconstruction_error
 from methods._masks import masked_weight
 from methods.base import (
@@ -29,24 +28,13 @@ DATA = CalibData.synthetic((3, 16, 16), 10, n_batches=2, batch_size=16)
 FAST = {"n_samples": 32, "solver_iters": 2}
 
 
-@functools.cache
-def _vgg_once() -> nn.Module:
-    # width 0.125 (8..64 channels): the per-layer solves stay in milliseconds
-    torch.manual_seed(0)
-    return timm.create_model("vgg16_bn_cifar", num_classes=10, in_chans=3, width=0.125).eval()
-
-
 def _vgg() -> nn.Module:
-    return copy.deepcopy(_vgg_once())
+    # width 0.125 (8..64 channels): the per-layer solves stay in milliseconds
+    return fresh_vgg(width=0.125)
 
 
 def _compress(model: nn.Module, target: Target, data: CalibData = DATA, **hyper) -> nn.Module:
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CompressionWarning)
-        return create_method("lrsd", **{**FAST, **hyper}).compress(
-            model, target, data, no_finetune()
-        )
+    return compress_quietly(create_method("lrsd", **{**FAST, **hyper}), model, target, data)
 
 
 def _decomposed(model: nn.Module) -> dict[str, LowRankSparse]:

@@ -8,6 +8,7 @@ from bench.cli import main_guard
 from bench.profile import main as profile_main
 
 profile = main_guard(profile_main, "bench.profile")
+DCT_VGG = ("--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "dct_pruning")
 
 
 def run_json(capsys, *args):
@@ -31,17 +32,7 @@ def test_literature_figures(capsys, model, params, macs):
 
 
 def test_paper_dct_pruning_configuration(capsys):
-    out = run_json(
-        capsys,
-        "--model",
-        "vgg16_bn_cifar",
-        "--dataset",
-        "cifar10",
-        "--method",
-        "dct_pruning",
-        "--layer-rates",
-        "[0.5]*7+[0.95]*5",
-    )
+    out = run_json(capsys, *DCT_VGG, "--layer-rates", "[0.5]*7+[0.95]*5")
     # DCTPruning reports params -94.2 %, FLOPs -84.1 % for exactly this configuration
     assert out["params_reduction"] == pytest.approx(0.942, abs=0.002)
     assert out["macs_reduction"] == pytest.approx(0.841, abs=0.002)
@@ -76,32 +67,8 @@ def test_ratio_and_latency_table(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (
-            [
-                "--model",
-                "vgg16_bn_cifar",
-                "--dataset",
-                "cifar10",
-                "--method",
-                "dct_pruning",
-                "--layer-rates",
-                "[0.5]*3",
-            ],
-            "give exactly 12",
-        ),
-        (
-            [
-                "--model",
-                "vgg16_bn_cifar",
-                "--dataset",
-                "cifar10",
-                "--method",
-                "dct_pruning",
-                "--layer-rates",
-                "[1.5]*12",
-            ],
-            "outside [0, 1)",
-        ),
+        ([*DCT_VGG, "--layer-rates", "[0.5]*3"], "give exactly 12"),
+        ([*DCT_VGG, "--layer-rates", "[1.5]*12"], "outside [0, 1)"),
         (
             [
                 "--model",
@@ -119,21 +86,7 @@ def test_ratio_and_latency_table(capsys):
             ["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "l1_filter"],
             "needs a target",
         ),
-        (
-            [
-                "--model",
-                "vgg16_bn_cifar",
-                "--dataset",
-                "cifar10",
-                "--method",
-                "dct_pruning",
-                "--ratio",
-                "2",
-                "--set",
-                "band=mid",
-            ],
-            "band",
-        ),
+        ([*DCT_VGG, "--ratio", "2", "--set", "band=mid"], "band"),
         (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--ratio", "2"], "need --method"),
         (["--model", "nope_net", "--dataset", "cifar10"], "unknown model"),
     ],

@@ -1,15 +1,14 @@
 """``svd``: truncated SVD per layer, deployed as two layers, ranks meeting the target ratio."""
 
 import copy
-import functools
 import warnings
 
 import pytest
-import timm
 import torch
+from conftest import fresh_vgg
 from torch import nn
 
-import bench.models  # noqa: F401  (registers vgg16_bn_cifar in timm)
+from bench.testing import compress_quietly
 from methods._lowrank import LowRank, factorisable_layers, weight_matrix
 from methods.base import (
     CalibData,
@@ -25,15 +24,7 @@ from methods.base import (
 DATA = CalibData.synthetic((3, 16, 16), 10, n_batches=1, batch_size=4)
 
 
-@functools.cache
-def _vgg_once() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vgg16_bn_cifar", num_classes=10, in_chans=3, width=0.25).eval()
-
-
-def _vgg() -> nn.Module:
-    """A fresh copy of one width-0.25 VGG-16-BN (built once per test file)."""
-    return copy.deepcopy(_vgg_once())
+_vgg = fresh_vgg  # a fresh copy of one seeded width-0.25 VGG-16-BN
 
 
 def _small() -> nn.Module:
@@ -53,9 +44,7 @@ def _small() -> nn.Module:
 
 
 def _compress(model: nn.Module, target: Target, **hyper) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CompressionWarning)
-        return create_method("svd", **hyper).compress(model, target, DATA, no_finetune())
+    return compress_quietly(create_method("svd", **hyper), model, target, DATA, seed=None)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "energy"])
