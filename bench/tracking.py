@@ -35,6 +35,17 @@ from bench.paths import results_dir
 
 __all__ = ["RunHandle", "Tracker", "TrackingError", "git_sha", "worker_id", "worker_is_dead"]
 
+# MLflow 3's UI opens an experiment by its kind: without one it shows the GenAI overview (traces,
+# none here); as model development, the runs table. The UI itself may store a guess ("..._inferred",
+# "no_inferred_type"), which we replace; a kind a user picked stays.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def _needs_kind(tags: Mapping[str, str]) -> bool:
+    kind = tags.get(EXPERIMENT_KIND_TAG, "")
+    return not kind or kind.endswith("_inferred") or kind == "no_inferred_type"
+
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be reached or used; the message is one line."""
@@ -148,7 +159,8 @@ class Tracker:
     """The study's experiment in one tracking store."""
 
     def __init__(self, uri: str, experiment: str, *, create: bool = True) -> None:
-        """Open (and with ``create``, make) the study's experiment.
+        """Open (and with ``create``, make) the study's experiment, tagged as model development
+        (``mlflow.experimentKind``) so that the MLflow UI opens it on its runs.
 
         With ``create=False`` nothing is written: a missing store or experiment reads as empty
         (``--dry-run`` uses this).
@@ -170,12 +182,18 @@ class Tracker:
             found = self.client.get_experiment_by_name(experiment)
             if found is not None:
                 self.experiment_id = found.experiment_id
+                if create and _needs_kind(found.tags):
+                    self.client.set_experiment_tag(
+                        self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                    )
             elif create:
                 artifacts = None
                 if uri.startswith("sqlite:///"):
                     artifacts = (results_dir() / "mlartifacts" / experiment).resolve().as_uri()
                 self.experiment_id = self.client.create_experiment(
-                    experiment, artifact_location=artifacts
+                    experiment,
+                    artifact_location=artifacts,
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
                 )
         except Exception as err:  # mlflow raises many types for an unreachable store
             raise TrackingError(

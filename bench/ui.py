@@ -2,7 +2,11 @@
 
 Binds 127.0.0.1 by default; another host is refused unless ``--allow-remote`` says so explicitly
 (the UI has no authentication). Runs ``mlflow server`` with job execution disabled, as MLflow 3
-needs on an offline machine, and prints the address of the study's experiment.
+needs on an offline machine, and prints the address of the study's runs table in the UI's model
+training mode (``#/experiments/<id>/runs?workflowType=machine_learning``): MLflow 3.17 opens an
+experiment's bare address on its GenAI overview (traces, none here), and takes its mode from the
+address or the browser's last choice, not from the experiment's ``mlflow.experimentKind`` tag (which
+the tracker sets too, for the UIs that read it).
 
 Examples:
     python -m bench.ui --study quickstart
@@ -63,7 +67,7 @@ def _experiment_path(uri: str, study: str | None) -> str:
         raise UsageError(
             f"study {study!r} has no runs in {uri}: run python -m bench.sweep --study {study}"
         )
-    return f"#/experiments/{exp.experiment_id}"
+    return f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,6 +127,7 @@ def build_report(
         pages,
         runs.study_yaml,
         mask_credentials(storage) if storage else None,
+        summary="summary.csv",
     )
     _write(out / "index.html", page, written)
     _forget_stale(out, written)

@@ -19,8 +19,12 @@ from reports.tuning import TuningView
 
 __all__ = ["GroupPage", "data_uri", "render_page"]
 
-_TEXT_COLUMNS = ("Ratio", "Method", "Family", "Status")
+# CSS classes of the table's columns: numbers right-aligned; Ratio and Method stay in view when
+# the table scrolls sideways inside its box; Status wraps (a failed run's error can be long).
+_COLUMN_CSS = {"Ratio": "ratio key", "Method": "method key", "Family": "", "Status": "status"}
 _MIME = {".png": "image/png", ".svg": "image/svg+xml"}
+# The group's files as the page lists them, by kind, in this order.
+_FILE_KINDS = ("Tables", "Data", "Pareto plots", "Tuning views", "Other")
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,33 @@ def data_uri(path: Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
+def _file_kind(name: str) -> tuple[str, str]:
+    """(kind, label) of a file, from its path below the group's folder."""
+    if name.startswith("tuning/"):
+        return "Tuning views", name.removeprefix("tuning/")  # <method>/<ratio>/<file>
+    if name.startswith("pareto_"):
+        return "Pareto plots", name
+    if name.endswith(".csv"):
+        return "Data", name
+    if name.startswith("table."):
+        return "Tables", name
+    return "Other", name
+
+
+def _file_groups(files: tuple[str, ...], folder: str) -> list[dict]:
+    """The files by kind, in the order of ``_FILE_KINDS``."""
+    kinds: dict[str, list[dict]] = {kind: [] for kind in _FILE_KINDS}
+    for href in files:
+        kind, label = _file_kind(href.removeprefix(f"{folder}/"))
+        kinds[kind].append({"href": href, "name": label})
+    return [{"kind": kind, "files": found} for kind, found in kinds.items() if found]
+
+
 def _group_context(group: GroupPage) -> dict:
     table = group.table
+    folder = f"{safe_name(table.model)}/{safe_name(table.dataset)}"  # as reports.build writes it
     starts = table.block_starts()
-    columns = [{"name": c, "css": "" if c in _TEXT_COLUMNS else "num"} for c in table.columns]
+    columns = [{"name": c, "css": _COLUMN_CSS.get(c, "num")} for c in table.columns]
     rows = [
         {
             "css": f"{kind}{' first-of-block' if i in starts else ''}",
@@ -88,7 +115,9 @@ def _group_context(group: GroupPage) -> dict:
         "columns": columns,
         "rows": rows,
         "footnotes": table.footnotes,
-        "files": group.files,
+        "folder": folder,
+        "n_files": len(group.files),
+        "file_groups": _file_groups(group.files, folder),
         "plots": plots,
         "tuning": tuning,
     }
@@ -100,6 +129,7 @@ def render_page(
     groups: list[GroupPage],
     study_yaml: str | None,
     storage: str | None = None,
+    summary: str | None = None,
 ) -> str:
     """The HTML of the report page.
 
@@ -109,6 +139,7 @@ def render_page(
         groups: One entry per (model, dataset), in display order.
         study_yaml: The study config text, if found.
         storage: The Optuna storage override, if any (credentials already masked).
+        summary: The summary CSV (every row of every table), relative to the page, if written.
     """
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent),
@@ -120,6 +151,7 @@ def render_page(
         study=study,
         tracking_uri=tracking_uri,
         storage=storage,
+        summary=summary,
         study_yaml=study_yaml,
         groups=[_group_context(g) for g in groups],
     )

@@ -4,8 +4,12 @@ errors, path safety, no torch, determinism, and the page rendered by headless Ch
 from __future__ import annotations
 
 import base64
+import html
+import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -342,18 +346,41 @@ class _Images(HTMLParser):
             self.sources.append(dict(attrs).get("src", ""))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
-def test_page_renders_in_headless_chromium_with_every_image(cli_report, tmp_path):
-    out, _ = cli_report
+def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--user-data-dir={profile}",
     ]  # fmt: skip
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=90)
+
+
+# Appended to a copy of the page: once it is laid out, write what the test checks into the DOM.
+_MEASURE = """<script>
+addEventListener("load", () => {
+  const page = document.documentElement, box = document.querySelector(".table-box");
+  const details = document.querySelector("details.files");
+  const out = document.createElement("pre");
+  out.id = "measured";
+  out.textContent = JSON.stringify({
+    client: page.clientWidth, scroll: page.scrollWidth,
+    box: box.getBoundingClientRect().right,
+    box_client: box.clientWidth, box_scroll: box.scrollWidth,
+    method: getComputedStyle(document.querySelector("td.method")).position,
+    details_open: details.open, kinds: [...details.querySelectorAll("li > strong")].map(
+      (e) => e.textContent),
+    links: details.querySelectorAll("a").length,
+  });
+  document.body.append(out);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+def test_page_renders_in_headless_chromium_with_every_image(cli_report, tmp_path):
+    out, _ = cli_report
     url = (out / "index.html").as_uri()
-    dom = subprocess.run(
-        [CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=90
-    ).stdout
+    dom = _chromium(tmp_path / "profile", "--dump-dom", url).stdout
     parser = _Images()
     parser.feed(dom)
     assert parser.tables == 1 and "dct_pruning" in dom and "reported [1]" in dom
@@ -365,12 +392,29 @@ def test_page_renders_in_headless_chromium_with_every_image(cli_report, tmp_path
         png = base64.b64decode(data)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
     shot = tmp_path / "shot.png"
-    subprocess.run(
-        [CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,2000", url],
-        capture_output=True, timeout=90,
-    )  # fmt: skip
+    _chromium(tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000", url)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 50_000  # a page with plots, not a blank one
+    assert struct.unpack(">II", shot.read_bytes()[16:24]) == (1280, 2000)  # IHDR: width, height
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+def test_page_fits_a_1280px_window_and_folds_its_files(cli_report, tmp_path):
+    out, _ = cli_report
+    probe = tmp_path / "probe.html"  # a copy: the report stays as written (images are inline)
+    probe.write_text((out / "index.html").read_text().replace("</body>", f"{_MEASURE}\n</body>"))
+    dom = _chromium(tmp_path / "profile", "--window-size=1280,900", "--dump-dom", probe.as_uri())
+    dom = dom.stdout
+    found = re.search(r'<pre id="measured">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    m = json.loads(html.unescape(found.group(1)))
+    assert m["client"] > 1200 and m["scroll"] <= m["client"], m  # no page-level sideways scroll
+    assert m["box"] <= m["client"] and m["box_scroll"] <= m["box_client"], m  # the table fits
+    assert m["method"] == "sticky"  # where it cannot fit, Method stays in view as it scrolls
+    # The files: one collapsed list, by kind.
+    assert m["details_open"] is False
+    assert m["kinds"] == ["Tables", "Data", "Pareto plots", "Tuning views"]
+    assert m["links"] == len([p for p in (out / GROUP).rglob("*") if p.is_file()])
 
 
 def test_regenerating_into_the_same_folder_leaves_nothing_stale(store, tmp_path):

@@ -1,4 +1,6 @@
-"""bench.ui serves the MLflow UI for a study's store on 127.0.0.1 (and refuses other hosts)."""
+"""bench.ui serves the MLflow UI for a study's store on 127.0.0.1 (and refuses other hosts), on the
+study's runs table; the tracker tags the study's experiment so that MLflow 3 opens it as model
+training, not as a GenAI app."""
 
 import json
 import os
@@ -12,11 +14,12 @@ from pathlib import Path
 
 from bench.cli import main_guard
 from bench.paths import default_tracking_uri
-from bench.tracking import Tracker
+from bench.tracking import MlflowClient, Tracker
 from bench.ui import main as ui_main
 
 ROOT = Path(__file__).resolve().parent.parent
 ui = main_guard(ui_main, "bench.ui")
+KIND = "mlflow.experimentKind"  # MLflow 3's UI: "custom_model_development" opens the runs view
 
 
 def free_port() -> int:
@@ -52,7 +55,8 @@ def test_serves_the_study(results):
     )
     try:
         first = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/#/experiments/{tracker.experiment_id}" in first
+        runs = f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+        assert f"http://127.0.0.1:{port}/{runs} " in first
         deadline, body = time.time() + 120, None
         while time.time() < deadline:
             try:
@@ -66,6 +70,30 @@ def test_serves_the_study(results):
                 time.sleep(1)
         assert body is not None, "the UI did not answer within 120 s"
         assert body["experiment"]["name"] == "demo"
+        tags = {tag["key"]: tag["value"] for tag in body["experiment"]["tags"]}
+        assert tags[KIND] == "custom_model_development"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_tracker_tags_the_experiment_as_model_training(results):
+    uri = default_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+
+    def kind(name):
+        return client.get_experiment_by_name(name).tags.get(KIND)
+
+    Tracker(uri, "new")
+    assert kind("new") == "custom_model_development"
+    # Experiments made before the tag existed, or guessed at by the UI, get it when a sweep opens
+    # them; a kind a user chose stays; a read-only open (--dry-run) writes nothing.
+    client.create_experiment("old")
+    client.create_experiment("guessed", tags={KIND: "genai_development_inferred"})
+    client.create_experiment("chosen", tags={KIND: "finetuning"})
+    Tracker(uri, "old", create=False)
+    assert kind("old") is None
+    for name in ("old", "guessed", "chosen"):
+        Tracker(uri, name)
+    assert kind("old") == kind("guessed") == "custom_model_development"
+    assert kind("chosen") == "finetuning"
