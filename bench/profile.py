@@ -157,7 +157,7 @@ def profile(args) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         compressed = method.compress(copy.deepcopy(dense), target, calib, no_finetune()).eval()
-    cfp = footprint.measure(compressed, shape, **{**kw, "latency": False})  # stored_params(model)
+    cfp = footprint.measure(compressed, shape, **{**kw, "latency": False})
     if not args.no_latency:  # both models timed again, interleaved, for the speedup
         dense_ms, compressed_ms = footprint.compare_latency(
             dense, compressed, shape, batch_size=args.batch_size, threads=args.threads
