@@ -8,6 +8,7 @@ from bench.cli import main_guard
 from bench.profile import main as profile_main
 
 profile = main_guard(profile_main, "bench.profile")
+VGG = ["--model", "vgg16_bn_cifar", "--dataset", "cifar10"]  # the papers' VGG-16 on CIFAR-10
 
 
 def run_json(capsys, *args):
@@ -31,17 +32,7 @@ def test_literature_figures(capsys, model, params, macs):
 
 
 def test_paper_dct_pruning_configuration(capsys):
-    out = run_json(
-        capsys,
-        "--model",
-        "vgg16_bn_cifar",
-        "--dataset",
-        "cifar10",
-        "--method",
-        "dct_pruning",
-        "--layer-rates",
-        "[0.5]*7+[0.95]*5",
-    )
+    out = run_json(capsys, *VGG, "--method", "dct_pruning", "--layer-rates", "[0.5]*7+[0.95]*5")
     # DCTPruning reports params -94.2 %, FLOPs -84.1 % for exactly this configuration (percent)
     assert out["params_reduction"] == pytest.approx(94.2, abs=0.2)
     assert out["macs_reduction"] == pytest.approx(84.1, abs=0.2)
@@ -102,65 +93,12 @@ def test_list_names_every_method_model_and_dataset(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (
-            [
-                "--model",
-                "vgg16_bn_cifar",
-                "--dataset",
-                "cifar10",
-                "--method",
-                "dct_pruning",
-                "--layer-rates",
-                "[0.5]*3",
-            ],
-            "give exactly 12",
-        ),
-        (
-            [
-                "--model",
-                "vgg16_bn_cifar",
-                "--dataset",
-                "cifar10",
-                "--method",
-                "dct_pruning",
-                "--layer-rates",
-                "[1.5]*12",
-            ],
-            "outside [0, 1)",
-        ),
-        (
-            [
-                "--model",
-                "vgg16_bn_cifar",
-                "--dataset",
-                "cifar10",
-                "--method",
-                "l1_filtr",
-                "--ratio",
-                "2",
-            ],
-            "did you mean 'l1_filter'",
-        ),
-        (
-            ["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--method", "l1_filter"],
-            "needs a target",
-        ),
-        (
-            [
-                "--model",
-                "vgg16_bn_cifar",
-                "--dataset",
-                "cifar10",
-                "--method",
-                "dct_pruning",
-                "--ratio",
-                "2",
-                "--set",
-                "band=mid",
-            ],
-            "band",
-        ),
-        (["--model", "vgg16_bn_cifar", "--dataset", "cifar10", "--ratio", "2"], "need --method"),
+        ([*VGG, "--method", "dct_pruning", "--layer-rates", "[0.5]*3"], "give exactly 12"),
+        ([*VGG, "--method", "dct_pruning", "--layer-rates", "[1.5]*12"], "outside [0, 1)"),
+        ([*VGG, "--method", "l1_filtr", "--ratio", "2"], "did you mean 'l1_filter'"),
+        ([*VGG, "--method", "l1_filter"], "needs a target"),
+        ([*VGG, "--method", "dct_pruning", "--ratio", "2", "--set", "band=mid"], "band"),
+        ([*VGG, "--ratio", "2"], "need --method"),
         (["--model", "nope_net", "--dataset", "cifar10"], "unknown model"),
         (["--dataset", "cifar10"], "--model and --dataset are needed"),
     ],
