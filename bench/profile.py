@@ -3,9 +3,12 @@
 Runs on random weights with synthetic calibration batches and no fine-tuning, so it needs no data
 on disk (``--dataset`` only sets the input shape and the number of classes). Prints params, MACs
 (the papers' "FLOPs"), measured CPU latency of the dense and compressed model, the reductions, the
-speedup and a per-layer table; ``--json`` prints one JSON object instead.
+speedup and a per-layer table; ``--json`` prints one JSON object instead. Reductions are in
+percent, as in the reports. ``--list`` names what the other options accept: the registered methods
+(family, one-line idea), the models and the datasets.
 
 Examples:
+    python -m bench.profile --list
     python -m bench.profile --model vgg16_bn_cifar --dataset cifar10
     python -m bench.profile --model vgg16_bn_cifar --dataset cifar10 --method dct_pruning \\
         --layer-rates "[0.5]*7+[0.95]*5"
@@ -25,13 +28,16 @@ from bench import footprint
 from bench.cli import ArgumentParser, UsageError, import_plugins, main_guard
 from bench.study import parse_override
 
-__all__ = ["main", "profile"]
+__all__ = ["catalogue", "main", "profile"]
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="vgg16_bn_cifar, resnet56_cifar, any timm name")
-    p.add_argument("--dataset", required=True, help="sets input shape and classes (no data read)")
+    p.add_argument(
+        "--list", action="store_true", help="list the methods, models and datasets, then exit"
+    )
+    p.add_argument("--model", help="vgg16_bn_cifar, resnet56_cifar, any timm name (see --list)")
+    p.add_argument("--dataset", help="sets input shape and classes (no data read; see --list)")
     p.add_argument("--width", type=float, help="channel-width multiplier of the CIFAR models")
     p.add_argument("--method", help="a registered method (python -m bench.profile --list)")
     target = p.add_mutually_exclusive_group()
@@ -54,12 +60,71 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def _first_line(doc: str | None) -> str:
+    lines = (doc or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def catalogue() -> dict:
+    """What ``--method``, ``--model`` and ``--dataset`` accept, without building anything.
+
+    A method's idea is the first line of its module's docstring (every method file opens with the
+    idea), else of its class's; a CIFAR model's is the first line of its factory's docstring.
+    """
+    import timm
+
+    from bench import models
+    from bench.data import DATASETS
+    from methods.base import get_method_class, list_methods
+
+    methods = []
+    for name in list_methods():
+        cls = get_method_class(name)
+        module = sys.modules.get(cls.__module__)
+        idea = _first_line(module.__doc__ if module else None) or _first_line(cls.__doc__)
+        methods.append(
+            {"name": name, "family": cls.family, "structured": cls.structured, "idea": idea}
+        )
+    cifar = models.list_cifar_models()
+    return {
+        "methods": methods,
+        "models": [{"name": n, "about": _first_line(getattr(models, n).__doc__)} for n in cifar],
+        "timm_models": len(set(timm.list_models()) - set(cifar)),
+        "datasets": list(DATASETS),
+    }
+
+
+def render_catalogue(cat: dict) -> str:
+    from tabulate import tabulate
+
+    methods = [
+        [m["name"], m["family"], "yes" if m["structured"] else "no", m["idea"]]
+        for m in cat["methods"]
+    ]
+    return "\n".join(
+        [
+            "Methods (--method NAME; --plugin MODULE registers your own):",
+            tabulate(methods, headers=["name", "family", "structured", "idea"]),
+            "",
+            "Models (--model NAME; --width scales the CIFAR models' channels):",
+            tabulate([[m["name"], m["about"]] for m in cat["models"]], tablefmt="plain"),
+            f"and any other of timm's {cat['timm_models']} architectures (random weights; "
+            "timm.list_models() names them)",
+            "",
+            "Datasets (--dataset NAME; sets the input shape and classes, no data read): "
+            + ", ".join(cat["datasets"]),
+        ]
+    )
+
+
 def profile(args) -> dict:
     """Measure the dense model and, when a method is given, the compressed one."""
     from bench.data import dataset_info
     from bench.models import create_model
     from methods.base import CalibData, CompressionWarning, Target, create_method, no_finetune
 
+    if args.model is None or args.dataset is None:
+        raise UsageError("--model and --dataset are needed (python -m bench.profile --list)")
     info = dataset_info(args.dataset)
     shape = (info.in_chans, info.height, info.width)
     torch.manual_seed(args.seed)
@@ -107,9 +172,9 @@ def profile(args) -> dict:
     out["warnings"] = sorted({str(w.message) for w in caught})
     out["compressed"] = {**cfp.as_dict(), "layers": layers}
     out["params_ratio"] = fp.params / cfp.stored_params
-    out["params_reduction"] = 1 - cfp.stored_params / fp.params
+    out["params_reduction"] = 100 * (1 - cfp.stored_params / fp.params)  # percent, as in reports
     out["macs_ratio"] = fp.macs / cfp.macs
-    out["macs_reduction"] = 1 - cfp.macs / fp.macs
+    out["macs_reduction"] = 100 * (1 - cfp.macs / fp.macs)
     if fp.latency_ms and cfp.latency_ms:
         out["speedup"] = fp.latency_ms / cfp.latency_ms
     return out
@@ -146,8 +211,8 @@ def render(out: dict) -> str:
     lines.append(tabulate(rows, headers=headers))
     if c:
         lines.append(
-            f"params -{100 * out['params_reduction']:.1f}% ({out['params_ratio']:.2f}x), "
-            f"MACs -{100 * out['macs_reduction']:.1f}% ({out['macs_ratio']:.2f}x)"
+            f"params -{out['params_reduction']:.1f}% ({out['params_ratio']:.2f}x), "
+            f"MACs -{out['macs_reduction']:.1f}% ({out['macs_ratio']:.2f}x)"
             + (f", measured speedup {out['speedup']:.2f}x" if "speedup" in out else "")
         )
         for w in out["warnings"]:
@@ -161,6 +226,10 @@ def render(out: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import_plugins(args.plugin)
+    if args.list:
+        cat = catalogue()
+        print(json.dumps(cat, indent=1) if args.json else render_catalogue(cat))
+        return 0
     out = profile(args)
     print(json.dumps(out, indent=1) if args.json else render(out))
     return 0

@@ -37,15 +37,10 @@ REQUIRED_FINAL_METRICS = (
     "macs_ratio",
     "speedup",
 )
+# A summary row: text columns (what the row is), numbers, then a text note.
+_KEY_COLUMNS = ["model", "dataset", "kind", "ratio", "method", "family", "structured", "seeds"]
 SUMMARY_COLUMNS = [
-    "model",
-    "dataset",
-    "kind",
-    "ratio",
-    "method",
-    "family",
-    "structured",
-    "seeds",
+    *_KEY_COLUMNS,
     "n_seeds",
     "baseline_top1",
     "top1_mean",
@@ -63,17 +58,7 @@ SUMMARY_COLUMNS = [
     "trials_used",
     "note",
 ]
-_TEXT_COLUMNS = [
-    "model",
-    "dataset",
-    "kind",
-    "ratio",
-    "method",
-    "family",
-    "structured",
-    "seeds",
-    "note",
-]
+_TEXT_COLUMNS = [*_KEY_COLUMNS, "note"]
 RUN_KEY = ["tags.model", "tags.dataset", "tags.method", "tags.ratio"]
 _TAGS = [*RUN_KEY] + [
     f"tags.{name}"

@@ -141,30 +141,18 @@ def _study_of(runs: list[dict]) -> StudyRuns:
 def test_summary_counts_a_rerun_seed_once_and_shows_top5_when_logged():
     final = {"baseline_test_top1": 76.0, "stored_params": 5e6, "params_ratio": 5.0, "macs": 1e9}
     final |= {"macs_ratio": 4.0, "speedup": 2.0, "test_top5": 90.0}
-    dct = {"method": "dct_pruning"}
+
+    def dct(ratio: str, top1: float) -> dict:
+        tags = {"method": "dct_pruning", "ratio": ratio}
+        return {"stage": "final", "tags": tags, "metrics": {**final, "test_top1": top1}}
+
     study = _study_of(
         [
             {"stage": "baseline", "metrics": {"test_top1": 76.0, "test_top5": 93.0}},
-            {
-                "stage": "final",
-                "tags": {**dct, "ratio": "2"},
-                "metrics": {**final, "test_top1": 70.0},
-            },
-            {
-                "stage": "final",
-                "tags": {**dct, "ratio": "2"},
-                "metrics": {**final, "test_top1": 72.0},
-            },
-            {
-                "stage": "final",
-                "tags": {**dct, "ratio": "rates:0.5,0.9"},
-                "metrics": {**final, "test_top1": 60.0},
-            },
-            {
-                "stage": "final",
-                "tags": {**dct, "ratio": "16"},
-                "metrics": {**final, "test_top1": 50.0},
-            },
+            dct("2", 70.0),
+            dct("2", 72.0),
+            dct("rates:0.5,0.9", 60.0),
+            dct("16", 50.0),
             {"stage": "parent", "tags": {"method": "svd", "ratio": "4"}},
             {"stage": "final", "tags": {"method": "svd", "ratio": "4"}, "status": "RUNNING"},
         ]
