@@ -208,26 +208,57 @@ def test_rerun_forces_new_finals_and_keeps_the_old(smoke_results, monkeypatch, c
     assert "nothing to train" in capsys.readouterr().out
 
 
+SLOPPY = ("--plugin", "probe_method", "--set", "methods=[probe]")
+SLOPPY += ("--set", "method_args={probe: {sloppy: true}}")  # the probe reaches 1.2x for 2x
+MISSES = {
+    "no-tune": (SLOPPY, "probe", "2", "achieved params ratio 1.2"),
+    # sloppy fixed: every trial is infeasible, and the finals fall back to the defaults
+    "no feasible trial": (
+        (*SLOPPY, "--set", "tuning.trials=1", "--set", "tuning.epochs=0.25"),
+        "probe",
+        "2",
+        "achieved params ratio 1.2",
+    ),
+    "layer rates": (
+        ("--set", "methods=[l1_filter]", "--set", "ratios=['[0.0]*12']"),
+        "l1_filter",
+        "rates:" + ",".join(["0"] * 12),
+        "compress nothing: params ratio 1.000x",
+    ),
+}
+
+
+def newest(found, method, ratio):
+    """The run of (method, ratio) started last."""
+    ours = [r for r in found if (r.data.tags["method"], r.data.tags["ratio"]) == (method, ratio)]
+    return max(ours, key=lambda r: r.info.start_time)
+
+
 @needs_fmnist
-def test_a_final_that_misses_its_target_fails_with_the_reason(smoke_results, monkeypatch, capsys):
-    # the probe method (tests/plugins) undershoots when sloppy: 1.2x for a 2x target
+@pytest.mark.parametrize("case", MISSES)
+def test_a_final_that_misses_its_target_fails_with_the_reason(
+    smoke_results, monkeypatch, capsys, case
+):
+    args, method, ratio, reason = MISSES[case]
     monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
     monkeypatch.syspath_prepend(PLUGINS)
-    sloppy = ("--set", "methods=[probe]", "--set", "method_args={probe: {sloppy: true}}")
-    assert sweep("--plugin", "probe_method", *sloppy, *FAST) == 1
+    assert sweep(*args, *FAST) == 1
     err = capsys.readouterr().err
-    assert "FAILED probe @ 2: 1 final run(s) missed the target: achieved params ratio 1.2" in err
+    assert f"FAILED {method} @ {ratio}: 1 final run(s) missed the target: " in err
     _, finals = runs(stage="final")
-    (probe,) = [r for r in finals if r.data.tags["method"] == "probe"]
-    assert probe.info.status == "FAILED"
-    error = probe.data.tags["error"]
-    assert error.startswith("TargetMissed: achieved params ratio 1.2") and "\n" not in error
-    assert "the target 2x (allowed 1.960x to 2.040x: 2% tolerance)" in error
-    assert probe.data.metrics["params_ratio"] < 1.96
-    assert "test_top1" not in probe.data.metrics  # stopped before fine-tuning and testing
+    final = newest(finals, method, ratio)
+    assert reason in final.data.tags["error"]
+    assert final.info.status == "FAILED" and final.data.tags["error"].startswith("TargetMissed: ")
+    assert "\n" not in final.data.tags["error"]
+    if ratio == "2":
+        assert "the target 2x (allowed 1.960x to 2.040x: 2% tolerance)" in final.data.tags["error"]
+        assert final.data.metrics["params_ratio"] < 1.96
+    assert "test_top1" not in final.data.metrics  # stopped before fine-tuning and testing
     _, parents = runs(stage="parent")
-    (parent,) = [r for r in parents if r.data.tags["method"] == "probe"]
+    parent = newest(parents, method, ratio)
     assert parent.info.status == "FAILED"
+    if case == "no feasible trial":
+        assert parent.data.tags["tuning_note"].startswith("no feasible complete trial")
 
 
 def test_next_commands_name_the_stores_only_when_not_the_defaults(results, tmp_path):
