@@ -1,11 +1,13 @@
-"""One compressed run's body, step by step: compress -> recalibrate (BN) -> evaluate -> fine-tune
--> measure -> log.
+"""One compressed run's body, step by step: compress -> (a final: check the target) -> recalibrate
+(BN) -> evaluate -> fine-tune -> measure -> log.
 
 Every method goes through exactly these steps (the harness never branches on a method's name);
 :func:`run_body` calls them in order and each step's metrics join the run's. The ``Finetune`` a
 method receives while compressing (:class:`_HarnessFinetune`) trains under the study's fine-tuning
 recipe on the training split and logs its epochs as ``inner_*`` step metrics of the run. Only a
 final run (``spec.stage == "final"``) evaluates on test; a tuning trial never sees test data.
+A final whose achieved params ratio misses its target fails at once (:class:`TargetMissed`), before
+any fine-tuning: its numbers would stand under a target they did not reach.
 """
 
 from __future__ import annotations
@@ -34,7 +36,30 @@ from methods.base import (
 if TYPE_CHECKING:  # bench.runner imports this module: annotations only, no import cycle
     from bench.runner import Sweep
 
-__all__ = ["run_body"]
+__all__ = ["TargetMissed", "run_body", "target_miss"]
+
+
+class TargetMissed(RuntimeError):
+    """A final run's achieved params ratio misses its target; the message is one line."""
+
+
+def target_miss(target: Target, achieved: float) -> str | None:
+    """Why ``achieved`` (dense params / stored params) misses ``target``, or None when it meets it.
+
+    A ratio is met within its tolerance on either side (the methods' contract, ``methods.base``:
+    2 % by default); per-layer rates set no ratio, and are met when the model is smaller at all.
+    """
+    if target.ratio is None:
+        if achieved > 1.0:
+            return None
+        return f"layer rates {target.label} compress nothing: params ratio {achieved:.3f}x"
+    if abs(achieved / target.ratio - 1.0) <= target.tolerance + 1e-9:
+        return None
+    low, high = (target.ratio * (1 + s * target.tolerance) for s in (-1, 1))
+    return (
+        f"achieved params ratio {achieved:.3f}x misses the target {target.label}x "
+        f"(allowed {low:.3f}x to {high:.3f}x: {target.tolerance:.0%} tolerance)"
+    )
 
 
 class _HarnessFinetune:
@@ -82,6 +107,8 @@ def run_body(
     """
     t0 = time.perf_counter()
     method, model, inner = compress(sweep, spec, base, handle)
+    if spec.final_stage:
+        check_target(sweep, spec, model, handle)
     metrics = {"baseline_val_top1": base.val_top1}
     metrics |= recalibrate(sweep, spec, model)
     metrics |= evaluate_before_finetuning(sweep, spec, base, model)
@@ -123,6 +150,19 @@ def compress(
     if notes:
         handle.set_tags({"warnings": " | ".join(notes)[:4900]})
     return method, compressed.to(sweep.device), inner
+
+
+def check_target(sweep: Sweep, spec: RunSpec, model: nn.Module, handle: RunHandle) -> None:
+    """Step 1b, finals only: the achieved params ratio meets the target (:func:`target_miss`),
+    whatever chose the hyperparameters (tuning, ``--no-tune``, the fallback to the defaults when no
+    trial was feasible). The ratio is logged either way; a miss raises :class:`TargetMissed`,
+    and the run ends FAILED with the reason in its ``error`` tag."""
+    dense, stored = sweep.dense_footprint().params, stored_params(model)
+    achieved = dense / stored
+    handle.log_metrics({"params_ratio": achieved, "stored_params": stored, "dense_params": dense})
+    reason = target_miss(Target.parse(spec.target), achieved)
+    if reason is not None:
+        raise TargetMissed(reason)
 
 
 def recalibrate(sweep: Sweep, spec: RunSpec, model: nn.Module) -> dict[str, float]:

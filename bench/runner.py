@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import footprint
+from bench import code_version, footprint
 from bench.compressed import run_body
 from bench.data import Splits, load_splits
 from bench.dataset_info import DatasetInfo, dataset_info
@@ -62,6 +62,8 @@ class Sweep:
         self.device = device or resolve_device(None)
         self.say = say
         self.sha = git_sha()
+        for method in study.methods:  # fixed now: an edit during the sweep does not relabel
+            code_version.method_fingerprint(method)
         self._splits: Splits | None = None
         self._dense_fp: footprint.Footprint | None = None
 
@@ -205,14 +207,15 @@ class Sweep:
 
     # ------------------------------------------------------------------------ compressed runs
     def compressed_run(
-        self, spec: RunSpec, *, parent: RunHandle | None = None, on_epoch=None
+        self, spec: RunSpec, *, parent: RunHandle | None = None, on_epoch=None, force=False
     ) -> RunResult:
-        """Run ``spec`` (a trial or a final) unless a run of its key finished, as an MLflow run
-        under ``parent``: the baseline of its seed, compressed, fine-tuned, measured, logged.
+        """Run ``spec`` (a trial or a final) unless a run of its key finished (or ``force``: run
+        it again, the old run kept), as an MLflow run under ``parent``: the baseline of its seed,
+        compressed, fine-tuned, measured, logged.
 
         ``on_epoch`` receives each fine-tuning epoch (Optuna reports and prunes through it).
         """
-        done = self.tracker.finished(spec.key)
+        done = None if force else self.tracker.finished(spec.key)
         if done is not None:
             return spec.result(done.data.metrics, skipped=True)
         base = self.baseline(spec.seed)

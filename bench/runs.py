@@ -11,8 +11,15 @@ kinds of run and what each key holds:
 - parent of a (method, ratio) (:meth:`RunSpec.parent`): as a final with seed -1 (it stands for
   every seed), the method's fixed hyperparameters, the tuning config and the seeds.
 
-Keys of recorded runs must never change (``tests/test_run_keys.py`` pins them): a new setting joins
-a key only when it is not at its old default (see :func:`after_compression`).
+Every key also holds the code the result depends on (``bench.code_version``, :func:`code_key`):
+compressed runs the method's code fingerprint, all runs the harness version once it is bumped
+past 1. Every run is tagged ``code_version`` beside ``git_sha``.
+
+Keys of recorded runs must not change by accident (``tests/test_run_keys.py`` pins them): a new
+setting joins a key only when it is not at its old default (see :func:`after_compression`). They
+changed once on purpose, when the method fingerprint joined the compressed keys (issue #12);
+baseline keys kept theirs (harness version 1 is the code that recorded them), so no baseline is
+retrained for it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import code_version as code
 from bench.models import canonical_width
 from bench.study import DataConfig, Recipe, Study, config_hash
 from methods.base import Target, get_method_class
@@ -34,6 +42,7 @@ __all__ = [
     "RunResult",
     "RunSpec",
     "after_compression",
+    "code_key",
     "method_defaults",
 ]
 
@@ -56,11 +65,25 @@ def after_compression(finetune: Recipe, bn_recalibration_batches: int) -> dict[s
     return out
 
 
+def code_key(method: str | None = None) -> dict[str, Any]:
+    """The code a run key depends on: the harness version (absent at 1: the runs recorded before
+    it was declared keep their keys) and, for a compressed run (and an Optuna study's
+    fingerprint), the method's code fingerprint."""
+    out: dict[str, Any] = {}
+    if code.HARNESS_VERSION != 1:
+        out["harness"] = code.HARNESS_VERSION
+    if method is not None:
+        out["method_code"] = code.method_fingerprint(method)
+    return out
+
+
 def _prefixed(prefix: str, recipe: Recipe) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in dataclasses.asdict(recipe).items()}
 
 
-def _common_tags(stage: str, seed: int, study: str, base: BaselineSpec, sha: str) -> dict:
+def _common_tags(
+    stage: str, seed: int, study: str, base: BaselineSpec, sha: str, method: str | None = None
+) -> dict:
     """The tags of every run (``bench.tracking``'s schema)."""
     return {
         "study": study,
@@ -69,6 +92,7 @@ def _common_tags(stage: str, seed: int, study: str, base: BaselineSpec, sha: str
         "dataset": base.dataset,
         "seed": seed,
         "git_sha": sha,
+        "code_version": code.code_version(method),
     }
 
 
@@ -106,6 +130,7 @@ class BaselineSpec:
                 "data": dataclasses.asdict(self.data),
                 "recipe": dataclasses.asdict(self.recipe),
                 "seed": self.seed,
+                **code_key(),
             }
         )
 
@@ -231,6 +256,7 @@ class RunSpec:
                 "hps": dict(self.hps),
                 "seed": self.seed,
                 **after_compression(self.finetune, self.bn_recalibration_batches),
+                **code_key(self.method),
                 **self.key_extra,
             }
         )
@@ -256,7 +282,7 @@ class RunSpec:
         """Tags of the run: the common ones, the method's and ``extra_tags``."""
         cls = get_method_class(self.method)
         return {
-            **_common_tags(self.stage, self.seed, study, self.baseline, git_sha),
+            **_common_tags(self.stage, self.seed, study, self.baseline, git_sha, self.method),
             "run_key": self.key,
             "method": self.method,
             "family": cls.family,

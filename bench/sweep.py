@@ -3,8 +3,9 @@
 1. Validate everything first (study keys and names, hyperparameters, targets against the model, data
    on disk, tracking store); on error print one line, exit 2, write nothing.
 2. Baselines (cached checkpoints), then for each (method, ratio) a parent run, the tuning trials
-   (``bench.tuning``) and the final runs, one per seed. Runs are keyed by a hash of their config: a
-   rerun skips finished keys and redoes the rest.
+   (``bench.tuning``) and the final runs, one per seed. Runs are keyed by a hash of their config
+   and code (``bench.code_version``): a rerun skips finished keys and redoes the rest;
+   ``--rerun METHOD[@RATIO]`` runs the parent and finals of those pairs again all the same.
 3. A summary table and the commands that open the runs (``bench.ui``) and write the report
    (``reports``), with the stores this sweep used.
 
@@ -59,6 +60,15 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--trials", type=int, help="tuning trials per (method, ratio); overrides study")
     p.add_argument("--no-tune", action="store_true", help="skip tuning: final runs use defaults")
+    p.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        metavar="METHOD[@RATIO]",
+        help="run the final runs (and parent) of METHOD, at RATIO or every ratio, again even when "
+        "finished runs of their keys exist; the old runs are kept, reports show the newest; "
+        "tuning trials are kept (repeatable)",
+    )
     p.add_argument(
         "--plugin",
         action="append",
@@ -157,6 +167,45 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
+def parse_reruns(study: Study, texts: list[str]) -> frozenset[tuple[str, str | None]]:
+    """``--rerun METHOD[@RATIO]`` values as (method, ratio label, or None for every ratio).
+
+    Raises:
+        UsageError: a method or a ratio that is not in the study.
+    """
+    from methods.base import Target
+
+    labels = [Target.parse(r).label for r in study.ratios]
+    out = set()
+    for text in texts:
+        method, at, ratio = text.partition("@")
+        if method not in study.methods:
+            raise UsageError(
+                f"--rerun {text}: method {method!r} is not in study {study.name}; "
+                f"its methods: {', '.join(study.methods)}"
+            )
+        label = None
+        if at:
+            try:
+                label = Target.parse(ratio.strip()).label
+            except MethodConfigError as err:
+                raise UsageError(f"--rerun {text}: {err}") from None
+            if label not in labels:
+                raise UsageError(
+                    f"--rerun {text}: ratio {ratio!r} is not in study {study.name}; "
+                    f"its ratios: {', '.join(labels)}"
+                )
+        out.add((method, label))
+    return frozenset(out)
+
+
+def _selected(reruns, method: str, ratio) -> bool:
+    """Does ``--rerun`` name (method, ratio)?"""
+    from methods.base import Target
+
+    return bool({(method, None), (method, Target.parse(ratio).label)} & reruns)
+
+
 # ------------------------------------------------------------------------------------ the plan
 def _hyperparameter_sets(sweep, tuner, method: str, ratio, parent) -> list[tuple[dict, str]]:
     """(hyperparameters, source) of the final runs: tuned, or the method's defaults."""
@@ -165,7 +214,7 @@ def _hyperparameter_sets(sweep, tuner, method: str, ratio, parent) -> list[tuple
     return tuner.tune(method, ratio, parent)
 
 
-def print_plan(sweep, tuner) -> None:
+def print_plan(sweep, tuner, reruns=frozenset()) -> None:
     """``--dry-run``: every step of the study, done or to do; runs nothing, writes nothing."""
     study = sweep.study
     rows = []
@@ -186,15 +235,19 @@ def print_plan(sweep, tuner) -> None:
             if tuner is not None:
                 status = tuner.status(method, ratio)
                 rows.append(("tune", method, ratio, "-", status))
-                rows.append(
-                    ("final", method, ratio, ",".join(map(str, study.seeds)), "after tuning")
-                )
+                status = "after tuning"
+                if _selected(reruns, method, ratio):
+                    status += " (--rerun)"
+                rows.append(("final", method, ratio, ",".join(map(str, study.seeds)), status))
                 continue
             hps = method_defaults(study, method)
             for seed in study.seeds:
                 key = RunSpec.final(study, method, ratio, seed, hps).key
                 done = sweep.tracker.finished(key) is not None
-                rows.append(("final", method, ratio, seed, "done" if done else "to do"))
+                status = "done" if done else "to do"
+                if _selected(reruns, method, ratio):
+                    status = "to redo (--rerun)" if done else status
+                rows.append(("final", method, ratio, seed, status))
     print(tabulate(rows, headers=["stage", "method", "ratio", "seed", "status"]))
     todo = sum(1 for r in rows if r[-1] not in ("done",))
     print(f"\n{todo} of {len(rows)} steps to do; nothing was run (--dry-run)")
@@ -240,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     study = load_study(args.study, tuple(overrides))
     if args.no_tune:
         study = dataclasses.replace(study, tuning=dataclasses.replace(study.tuning, trials=0))
+    reruns = parse_reruns(study, args.rerun)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     storage = args.storage or default_storage()
     validate_study(
@@ -267,13 +321,13 @@ def main(argv: list[str] | None = None) -> int:
 
         tuner = Tuner(sweep, storage)
     if args.dry_run:
-        print_plan(sweep, tuner)
+        print_plan(sweep, tuner, reruns)
         return 0
     stale = tracker.mark_stale()
     if stale:
         print(f"marked {stale} runs of a dead process KILLED; resuming")
     t0 = time.perf_counter()
-    results, failures = run_study(sweep, tuner)
+    results, failures = run_study(sweep, tuner, reruns)
     skipped = sum(r.skipped for r in results)
     print(
         f"\nstudy {study.name}: {len(results)} final runs ({skipped} already done, "
@@ -311,8 +365,9 @@ def next_commands(study: str, tracking_uri: str, storage: str | None) -> tuple[s
     )
 
 
-def run_study(sweep, tuner) -> tuple[list[RunResult], list[str]]:
+def run_study(sweep, tuner, reruns=frozenset()) -> tuple[list[RunResult], list[str]]:
     """Baselines, then every (method, ratio); a failed pair is reported and the sweep goes on.
+    ``reruns``: the pairs ``--rerun`` names (:func:`parse_reruns`), run again.
 
     Returns the final runs' results and one line per failed (method, ratio).
     """
@@ -324,7 +379,8 @@ def run_study(sweep, tuner) -> tuple[list[RunResult], list[str]]:
         for ratio in study.ratios:
             label = Target.parse(ratio).label
             try:
-                results += run_method_ratio(sweep, tuner, method, ratio)
+                force = _selected(reruns, method, ratio)
+                results += run_method_ratio(sweep, tuner, method, ratio, force=force)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:  # recorded as FAILED in MLflow; the sweep goes on
@@ -336,29 +392,43 @@ def run_study(sweep, tuner) -> tuple[list[RunResult], list[str]]:
     return results, failures
 
 
-def run_method_ratio(sweep, tuner, method: str, ratio) -> list[RunResult]:
-    """The parent run of one (method, ratio): tuning (if any), then one final run per seed."""
+def run_method_ratio(sweep, tuner, method: str, ratio, *, force=False) -> list[RunResult]:
+    """The parent run of one (method, ratio): tuning (if any), then one final run per seed (per
+    Pareto point, each tagged ``pareto_index``, with ``tuning.mode: pareto``).
+
+    ``force`` (``--rerun``): a new parent and new final runs even where finished ones exist; the
+    Optuna study keeps its trials (its budget is met: no trial runs again). A final that misses
+    its target fails (``bench.compressed.TargetMissed``); the others still run, then the pair fails.
+    """
+    from bench.compressed import TargetMissed  # torch: see the note on imports at the top
+
     study = sweep.study
     spec = RunSpec.parent(study, method, ratio)
-    done = sweep.tracker.finished(spec.key)
+    done = None if force else sweep.tracker.finished(spec.key)
     if done is not None:  # everything below it finished: rebuild the results from MLflow
         keys = [k for k in done.data.tags.get("final_keys", "").split(",") if k]
         runs = [sweep.tracker.finished(k) for k in keys]
         if keys and all(runs):
             return [RunResult.recorded(r, skipped=True) for r in runs]
-    results = []
+    results, misses = [], []
+    pareto = tuner is not None and study.tuning.mode == "pareto"
     with sweep.tracker.run(spec.name, spec.tags(study.name, sweep.sha)) as parent:
         sets = _hyperparameter_sets(sweep, tuner, method, ratio, parent)
         for index, (hps, source) in enumerate(sets):
             for seed in study.seeds:
                 tags = {"params_source": source}
-                if len(sets) > 1:
+                if pareto and source == "tuned":  # a point of the front (not the defaults)
                     tags["pareto_index"] = index
                 final = RunSpec.final(study, method, ratio, seed, hps, extra_tags=tags)
-                results.append(sweep.compressed_run(final, parent=parent))
+                try:
+                    results.append(sweep.compressed_run(final, parent=parent, force=force))
+                except TargetMissed as err:  # that run is FAILED with the reason
+                    misses.append(str(err))
         if tuner is None:
             parent.log_params({f"best.{k}": v for k, v in sets[0][0].items()})
         parent.set_tags({"final_keys": ",".join(r.run_key for r in results)})
+        if misses:
+            raise TargetMissed(f"{len(misses)} final run(s) missed the target: {misses[0]}")
     return results
 
 

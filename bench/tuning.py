@@ -11,8 +11,8 @@ instead. The test split is never used here.
 The first trial of a new study runs the method's defaults (``tuning.defaults_first``), so the
 tuned configuration is never below the defaults on validation. A study remembers a fingerprint of
 what its trials' values depend on besides their parameters (fixed hyperparameters, fine-tuning
-recipe, baseline, trial epochs); a sweep with other settings gets a study of its own
-(``name#<fingerprint>``) instead of mixing two objectives in one.
+recipe, baseline, trial epochs, the method's code); a sweep with other settings gets a study of
+its own (``name#<fingerprint>``) instead of mixing two objectives in one.
 
 The budget counts COMPLETE trials, so a rerun finishes it exactly and never grows it. Trials left
 RUNNING by a dead process on this host are marked FAIL at the next start (their MLflow runs KILLED
@@ -29,7 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 from bench.runner import Sweep
-from bench.runs import BaselineSpec, RunSpec, after_compression, method_defaults
+from bench.runs import BaselineSpec, RunSpec, after_compression, code_key, method_defaults
 from bench.samplers import PRUNERS, SAMPLERS, pareto_sampler
 from bench.study import config_hash
 from bench.tracking import worker_id, worker_is_dead
@@ -86,6 +86,7 @@ class Tuner:
                 "searched": sorted(self._space(method)),
                 "baseline": BaselineSpec.of(study, study.seeds[0]).key,
                 **after_compression(study.finetune, study.bn_recalibration_batches),
+                **code_key(method),  # the method's code: a fix gets a study of its own
                 "tuning": {k: getattr(self.cfg, k) for k in ("epochs", "mode", "metric")},
             }
         )
@@ -225,8 +226,12 @@ class Tuner:
             return
         m = res.metrics
         achieved = m.get("params_ratio", 0.0)
-        shortfall = target.ratio * (1 - target.tolerance) - achieved if target.ratio else 0.0
-        trial.set_constraint(_CONSTRAINT, shortfall)
+        # > 0: outside the target's band, either side (the finals' check, bench.compressed)
+        miss = 0.0
+        if target.ratio:
+            low, high = (target.ratio * (1 + s * target.tolerance) for s in (-1, 1))
+            miss = max(low - achieved, achieved - high)
+        trial.set_constraint(_CONSTRAINT, miss)
         values = [m["val_top1"], m["macs"]] if pareto else m["val_top1"]
         study.tell(trial, values)
         self._tag_state(key, "COMPLETE")

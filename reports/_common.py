@@ -15,6 +15,7 @@ __all__ = [
     "inside",
     "mask_credentials",
     "one_line",
+    "pareto_key",
     "ratio_key",
     "safe_name",
 ]
@@ -65,6 +66,11 @@ def ratio_key(label: str) -> tuple[int, float, str]:
     except ValueError:
         return (1, math.inf, label)
     return (0, value, label)
+
+
+def pareto_key(index: str) -> tuple[int, int]:
+    """Sort key of a ``pareto_index`` tag: none ("") first, then the points in order."""
+    return (1, int(index)) if index.isdigit() else (0, 0)
 
 
 def family_key(family: str) -> tuple[int, str]:

@@ -1,30 +1,45 @@
 """From runs to one summary row per table row: means and stds over seeds, missing rows, references.
 
-The summary is a tidy table (one row per (model, dataset, kind, ratio, method)); ``kind`` is
-``baseline`` (the dense model), ``measured`` (final runs, aggregated over seeds), ``missing`` (a
-(method, ratio) that was started but has no FINISHED final run; ``note`` says why) or ``reported``
-(a published number from ``sweeps/reference.yaml``). Accuracies and reductions are in percent,
-counts are plain numbers, stds are sample stds (ddof=1; NaN with one seed).
+The summary is a tidy table (one row per (model, dataset, kind, ratio, method, pareto_index));
+``kind`` is ``baseline`` (the dense model), ``measured`` (final runs, aggregated over seeds),
+``missing`` (a (method, ratio) that was started but has no FINISHED final run that met its target;
+``note`` says why) or ``reported`` (a published number from ``sweeps/reference.yaml``). Accuracies
+and reductions are in percent, counts are plain numbers, stds are sample stds (ddof=1; NaN with one
+seed).
+
+Which runs count: per (method, ratio, Pareto point, seed) the FINISHED final run started last (a
+rerun replaces the run before it, never counts twice; nothing recorded is deleted). With
+``tuning.mode: pareto`` every point of the front is a row of its own (``pareto_index``, 0-based).
+A finished final whose achieved params ratio misses its target (recorded before the harness
+checked targets) never counts: its numbers do not belong under that ratio. ``code_versions`` says
+which code (``code_version`` tags: harness version and method fingerprint) made the runs of a row,
+as ``version:runs`` pairs joined by ``;``.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pandas as pd
 
-from reports._common import ReportError, family_key, ratio_key
+from reports._common import ReportError, family_key, pareto_key, ratio_key
 from reports.load import StudyRuns
 from reports.reference import Reference
 
 __all__ = [
     "REQUIRED_FINAL_METRICS",
+    "ROW_KEY",
     "RUN_KEY",
     "SUMMARY_COLUMNS",
+    "TARGET_TOLERANCE",
+    "UNVERSIONED",
+    "code_versions",
     "groups",
     "latest_per_key",
     "summarize",
+    "target_miss",
     "with_tags",
 ]
 
@@ -38,7 +53,17 @@ REQUIRED_FINAL_METRICS = (
     "speedup",
 )
 # A summary row: text columns (what the row is), numbers, then a text note.
-_KEY_COLUMNS = ["model", "dataset", "kind", "ratio", "method", "family", "structured", "seeds"]
+_KEY_COLUMNS = [
+    "model",
+    "dataset",
+    "kind",
+    "ratio",
+    "method",
+    "pareto_index",
+    "family",
+    "structured",
+    "seeds",
+]
 SUMMARY_COLUMNS = [
     *_KEY_COLUMNS,
     "n_seeds",
@@ -50,20 +75,34 @@ SUMMARY_COLUMNS = [
     "top5_mean",
     "top5_std",
     "params",
+    "params_ratio",
     "params_reduction",
     "macs",
     "macs_reduction",
     "speedup_mean",
     "speedup_std",
     "trials_used",
+    "code_versions",
     "note",
 ]
-_TEXT_COLUMNS = [*_KEY_COLUMNS, "note"]
+_TEXT_COLUMNS = [*_KEY_COLUMNS, "code_versions", "note"]
 RUN_KEY = ["tags.model", "tags.dataset", "tags.method", "tags.ratio"]
-_TAGS = [*RUN_KEY] + [
+ROW_KEY = [*RUN_KEY, "tags.pareto_index"]  # a table row: a Pareto point of its own
+_TAGS = [*ROW_KEY] + [
     f"tags.{name}"
-    for name in ("seed", "family", "structured", "error", "optuna_study", "optuna_storage")
+    for name in (
+        "seed",
+        "family",
+        "structured",
+        "error",
+        "optuna_study",
+        "optuna_storage",
+        "code_version",
+    )
 ]
+# methods.base.Target's tolerance of the achieved params ratio (reports never import torch)
+TARGET_TOLERANCE = 0.02
+UNVERSIONED = "unversioned"  # runs recorded before the code_version tag
 # Display order of the blocks of a table; measured and missing rows interleave by ratio.
 _BLOCK = {"baseline": 0, "measured": 1, "missing": 1, "reported": 2}
 
@@ -110,6 +149,29 @@ def _latest_per_seed(frame: pd.DataFrame, key: list[str]) -> pd.DataFrame:
     return frame.drop_duplicates([*key, "tags.seed"], keep="last")
 
 
+def target_miss(run: pd.Series) -> str:
+    """Why a final run's achieved params ratio misses its target ("" when it meets it, or when
+    it logged no ratio: :func:`_check_metrics` reports that). The finals' check of the harness
+    (``bench.compressed.target_miss``): a ratio within :data:`TARGET_TOLERANCE` either side; per-
+    layer rates compress at all."""
+    achieved, label = float(run.get("metrics.params_ratio", math.nan)), run["tags.ratio"]
+    if not math.isfinite(achieved):
+        return ""
+    try:
+        ratio = float(label)
+    except ValueError:  # "rates:...": no ratio set
+        return "" if achieved > 1.0 else f"params ratio {achieved:.2f} for layer rates"
+    if abs(achieved / ratio - 1.0) <= TARGET_TOLERANCE + 1e-9:
+        return ""
+    return f"params ratio {achieved:.3f} for target {label} (outside {TARGET_TOLERANCE:.0%})"
+
+
+def code_versions(runs: pd.DataFrame) -> str:
+    """``version:runs`` pairs of the runs' ``code_version`` tags, sorted, joined by ``;``."""
+    counts = Counter(v or UNVERSIONED for v in runs["tags.code_version"])
+    return ";".join(f"{version}:{n}" for version, n in sorted(counts.items()))
+
+
 def _check_metrics(finals: pd.DataFrame) -> None:
     for _, run in finals.iterrows():
         lacking = [
@@ -153,12 +215,14 @@ def _measured_row(runs: pd.DataFrame, parent: pd.Series | None, baselines: pd.Da
         "structured": first["tags.structured"].lower(),
         **_accuracy_block(runs, base5),
         "params": _mean(_values(runs, "stored_params")),
+        "params_ratio": _mean(_values(runs, "params_ratio")),
         "params_reduction": _mean(_reduction(_values(runs, "params_ratio"))),
         "macs": _mean(_values(runs, "macs")),
         "macs_reduction": _mean(_reduction(_values(runs, "macs_ratio"))),
         "speedup_mean": _mean(speedup),
         "speedup_std": _std(speedup),
         "trials_used": _trials(parent),
+        "code_versions": code_versions(runs),
         "note": "",
     }
 
@@ -172,6 +236,8 @@ def _missing_reason(attempts: pd.DataFrame, parent: pd.Series | None) -> str:
         latest = attempts.sort_values(["start_time", "run_id"], kind="stable").iloc[-1]
         if latest["status"] == "FAILED":
             return f"final run FAILED: {latest['tags.error'] or 'no error tag'}"
+        if latest["status"] == "FINISHED":  # it counts only when it met its target
+            return f"final run missed its target: {target_miss(latest)}"
         return f"final run {latest['status']}"
     if parent is not None and parent["status"] == "FAILED":
         return f"no final run (parent FAILED: {parent['tags.error'] or 'no error tag'})"
@@ -214,6 +280,7 @@ def _baseline_row(baselines: pd.DataFrame, finals: pd.DataFrame) -> dict | None:
         "params_reduction": 0.0,
         "macs_reduction": 0.0,
         "speedup_mean": 1.0,
+        "code_versions": code_versions(baselines) if len(baselines) else "",
         "note": "",
     }
 
@@ -267,29 +334,36 @@ def summarize(study: StudyRuns, references: list[Reference]) -> pd.DataFrame:
         ReportError: a FINISHED final run lacks one of :data:`REQUIRED_FINAL_METRICS`.
     """
     finals_all = with_tags(study.stage("final"))
-    finals = _latest_per_seed(finals_all[finals_all["status"] == "FINISHED"], RUN_KEY)
+    finished = finals_all[finals_all["status"] == "FINISHED"]
+    on_target = np.array([not target_miss(run) for _, run in finished.iterrows()], dtype=bool)
+    finals = _latest_per_seed(finished[on_target], ROW_KEY)
     _check_metrics(finals)
     parents = with_tags(study.stage("parent"))
     baselines = with_tags(study.stage("baseline"))
     baselines = _latest_per_seed(baselines[baselines["status"] == "FINISHED"], RUN_KEY[:2])
 
     rows: list[dict] = []
-    keys = {tuple(k) for frame in (finals, parents) for k in frame[RUN_KEY].to_numpy()}
+    keys = {tuple(k) for frame in (finals_all, parents) for k in frame[RUN_KEY].to_numpy()}
     for key in keys:
         model, dataset, method, ratio = key
         parent = _latest(_where(parents, RUN_KEY, key))
-        runs = _where(finals, RUN_KEY, key)
-        if len(runs):
-            row = _measured_row(runs, parent, _where(baselines, RUN_KEY[:2], key[:2]))
-        else:
-            row = {
-                "kind": "missing",
-                "family": parent["tags.family"],
-                "structured": parent["tags.structured"].lower(),
-                "trials_used": _trials(parent),
-                "note": _missing_reason(_where(finals_all, RUN_KEY, key), parent),
-            }
-        rows.append({"model": model, "dataset": dataset, "method": method, "ratio": ratio, **row})
+        attempts = _where(finals_all, RUN_KEY, key)
+        for point in set(attempts["tags.pareto_index"]) or {""}:  # "": not a Pareto point
+            runs = _where(finals, ROW_KEY, (*key, point))
+            if len(runs):
+                row = _measured_row(runs, parent, _where(baselines, RUN_KEY[:2], key[:2]))
+            else:
+                tried = _where(attempts, ["tags.pareto_index"], (point,))
+                about = parent if parent is not None else tried.iloc[-1]
+                row = {
+                    "kind": "missing",
+                    "family": about["tags.family"],
+                    "structured": about["tags.structured"].lower(),
+                    "trials_used": _trials(parent),
+                    "note": _missing_reason(tried, parent),
+                }
+            where = {"model": model, "dataset": dataset, "method": method, "ratio": ratio}
+            rows.append({**where, "pareto_index": point, **row})
 
     datasets = {tuple(k) for k in baselines[RUN_KEY[:2]].to_numpy()} | {
         (r["model"], r["dataset"]) for r in rows
@@ -318,6 +392,7 @@ def _display_key(row: dict) -> tuple:
         ratio_key(row["ratio"]) if by_ratio else (0, 0.0, ""),
         family_key(row.get("family", "")) if by_ratio else (0, ""),
         row["method"],
+        pareto_key(row.get("pareto_index", "")),
         row.get("note", ""),
     )
 

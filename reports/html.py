@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 
 from reports._common import safe_name
-from reports.tables import DisplayTable
+from reports.tables import WARNING, DisplayTable
 from reports.tuning import TuningView
 
 __all__ = ["GroupPage", "data_uri", "render_page"]
@@ -154,4 +154,5 @@ def render_page(
         summary=summary,
         study_yaml=study_yaml,
         groups=[_group_context(g) for g in groups],
+        warning=WARNING,  # a footnote that warns (a table mixing code versions) stands out
     )

@@ -2,7 +2,9 @@
 
 One colour per method (the same in every plot), one marker per family; every (method, ratio) point
 is shown with its std over seeds as error bars, and a line joins each method's non-dominated points
-(its Pareto front). The dense baseline's accuracy is a dotted horizontal line.
+(its Pareto front). Each point is labelled by its target ("4x"; layer rates as "rates 5.0x", the
+params ratio they reached) and, for a point of a tuning's Pareto front, its number ("4x P2"). The
+dense baseline's accuracy is a dotted horizontal line.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot: no global state, no
 GUI backend; saving uses Agg for PNG). Saved files carry no date and a fixed SVG hash salt, so the
@@ -20,9 +22,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reports._common import TIMES, family_key, ratio_key
+from reports._common import TIMES, family_key, pareto_key, ratio_key
 
-__all__ = ["AXES", "pareto_figure", "pareto_front", "save_figure"]
+__all__ = ["AXES", "pareto_figure", "pareto_front", "point_label", "save_figure"]
 
 # Plot name -> (summary column of x, its std column or None, axis label with unit).
 AXES = {
@@ -61,8 +63,16 @@ def _colours(methods: Sequence[str]) -> dict[str, tuple]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
 
-def _short_ratio(label: str) -> str:
-    return "rates" if label.startswith("rates:") else f"{label}{TIMES}"
+def point_label(row: pd.Series) -> str:
+    """The label of a summary row's point: its target, and its Pareto point if it is one."""
+    label = row["ratio"]
+    achieved = row.get("params_ratio", math.nan)
+    if label.startswith("rates:"):
+        text = f"rates {achieved:.1f}{TIMES}" if math.isfinite(achieved) else "rates"
+    else:
+        text = f"{label}{TIMES}"
+    index = row.get("pareto_index", "")
+    return f"{text} P{int(index) + 1}" if index else text
 
 
 def pareto_figure(rows: pd.DataFrame, axis: str, title: str) -> Figure | None:
@@ -89,7 +99,14 @@ def pareto_figure(rows: pd.DataFrame, axis: str, title: str) -> Figure | None:
     colours = _colours([m for _, m in methods])
     for family, method in methods:
         mine = measured[measured["method"] == method]
-        mine = mine.iloc[sorted(range(len(mine)), key=lambda i: ratio_key(mine["ratio"].iloc[i]))]
+        order = sorted(
+            range(len(mine)),
+            key=lambda i: (
+                ratio_key(mine["ratio"].iloc[i]),
+                pareto_key(mine["pareto_index"].iloc[i]),
+            ),
+        )
+        mine = mine.iloc[order]
         xs, ys = mine[column].to_numpy(float), mine["top1_mean"].to_numpy(float)
         yerr = np.nan_to_num(mine["top1_std"].to_numpy(float))
         xerr = np.nan_to_num(mine[std_column].to_numpy(float)) if std_column else None
@@ -104,9 +121,9 @@ def pareto_figure(rows: pd.DataFrame, axis: str, title: str) -> Figure | None:
         ax.plot(
             xs[front], ys[front], color=colour, lw=1.4, ls="-" if family == "frequency" else "--"
         )
-        for x, y, ratio in zip(xs, ys, mine["ratio"]):
+        for x, y, (_, row) in zip(xs, ys, mine.iterrows()):
             ax.annotate(
-                _short_ratio(ratio),
+                point_label(row),
                 (x, y),
                 xytext=(4, 3),
                 textcoords="offset points",

@@ -5,8 +5,11 @@ them: Markdown keeps the Unicode, LaTeX escapes the text and spells the symbols 
 HTML page renders the same cells. The CSV holds the summary's raw numbers (machine-readable).
 
 Rows: the dense baseline, then the measured and missing rows ordered by ratio, family (frequency
-first) and method, then the reported rows. In each ratio, the best measured value of each ranked
-column is bold (compared as displayed; ties are all bold; only when at least two rows compete).
+first), method and Pareto point, then the reported rows. In each ratio, the best measured value of
+each ranked column is bold (compared as displayed; ties are all bold; only when at least two rows
+compete). A Pareto point (``tuning.mode: pareto``) is labelled in its method cell ("magnitude
+(Pareto 2/3)"), a layer-rate target by its spec and the params ratio it achieved. A footnote names
+the code versions behind the table and flags a table whose runs come from different code.
 """
 
 from __future__ import annotations
@@ -14,17 +17,19 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import pandas as pd
 
 from reports._common import TIMES
-from reports.aggregate import SUMMARY_COLUMNS
+from reports.aggregate import SUMMARY_COLUMNS, UNVERSIONED
 
 __all__ = ["Cell", "DisplayTable", "display_table", "to_csv", "to_latex", "to_markdown"]
 
 DASH = "—"  # an empty numeric cell
 DAGGER = "†"  # unstructured: dense MACs
+WARNING = "⚠"  # a table whose runs come from different code
 _TOP5 = ("Baseline top-5 (%)", "Top-5 (%)")
 _TEXT_COLUMNS = ("Ratio", "Method", "Family", "Status")
 # Ranked columns: header -> (summary column, decimals shown). Larger is better for all of them.
@@ -101,19 +106,25 @@ def _count(x: object) -> str:
     return f"{x:.0f}"
 
 
-def _ratio(label: str) -> str:
+def _ratio(label: str, achieved: object = math.nan) -> str:
+    """A ratio target with the times sign; layer rates as their spec and the ratio they reach."""
     try:
         float(label)
     except ValueError:
-        return label
+        return f"{label} ({achieved:.2f}{TIMES})" if _finite(achieved) else label
     return f"{label}{TIMES}"
+
+
+def pareto_label(method: str, index: str, points: int) -> str:
+    """``magnitude (Pareto 2/3)`` for point ``index`` (0-based tag) of ``points``."""
+    return f"{method} (Pareto {int(index) + 1}/{points})" if index else method
 
 
 def _int(x: object) -> str:
     return str(int(x)) if _finite(x) else DASH
 
 
-def _row(row: pd.Series, top5: bool, ref_number: int | None) -> dict[str, str]:
+def _row(row: pd.Series, top5: bool, ref_number: int | None, points: int) -> dict[str, str]:
     kind = row["kind"]
     macs = _count(row["macs"])
     if kind == "measured" and row["structured"] == "false" and macs != DASH:
@@ -125,8 +136,10 @@ def _row(row: pd.Series, top5: bool, ref_number: int | None) -> dict[str, str]:
         "reported": f"reported [{ref_number}]",
     }[kind]
     cells = {
-        "Ratio": _ratio(row["ratio"]) if kind in ("measured", "missing") else DASH,
-        "Method": row["method"],
+        "Ratio": _ratio(row["ratio"], row["params_ratio"])
+        if kind in ("measured", "missing")
+        else DASH,
+        "Method": pareto_label(row["method"], row["pareto_index"], points),
         "Family": row["family"] or DASH,
         "Baseline top-1 (%)": _num(row["baseline_top1"], 2),
         "Top-1 (%)": _mean_std(row["top1_mean"], row["top1_std"]),
@@ -170,7 +183,11 @@ def display_table(summary: pd.DataFrame, model: str, dataset: str) -> DisplayTab
     reported = [i for i in rows.index if rows.at[i, "kind"] == "reported"]
     numbers = {i: n + 1 for n, i in enumerate(reported)}
     marks = _bold_marks(rows)
-    formatted = [_row(rows.loc[i], top5, numbers.get(i)) for i in rows.index]
+    points = rows[rows["pareto_index"] != ""].groupby(["method", "ratio"])["pareto_index"].nunique()
+    formatted = [
+        _row(rows.loc[i], top5, numbers.get(i), points.get((r["method"], r["ratio"]), 0))
+        for i, r in rows.iterrows()
+    ]
     columns = tuple(formatted[0]) if formatted else ()
     cells = tuple(
         tuple(Cell(text, (i, header) in marks) for header, text in row.items())
@@ -190,6 +207,12 @@ def display_table(summary: pd.DataFrame, model: str, dataset: str) -> DisplayTab
             f"{DAGGER} Unstructured sparsity (structured=false): the weights are masked, so the"
             " dense MACs stay as they are and no speedup is expected."
         )
+    if (rows["pareto_index"] != "").any():
+        notes.append(
+            "Pareto n/N: point n of the N points on the tuning's Pareto front (validation accuracy"
+            " vs MACs, tuning.mode: pareto), each with final runs of its own."
+        )
+    notes += code_notes(rows)
     if reported:
         notes.append(
             "Reported rows: numbers as the papers publish them (sweeps/reference.yaml), under their"
@@ -197,6 +220,60 @@ def display_table(summary: pd.DataFrame, model: str, dataset: str) -> DisplayTab
         )
         notes += [f"[{numbers[i]}] {rows.at[i, 'note']}" for i in reported]
     return DisplayTable(model, dataset, columns, cells, tuple(rows["kind"]), tuple(notes))
+
+
+def _versions(cell: str) -> Counter:
+    """``version:runs;...`` (the summary's ``code_versions``) as a Counter."""
+    out: Counter = Counter()
+    for pair in filter(None, cell.split(";")):
+        version, _, n = pair.rpartition(":")
+        out[version] += int(n)
+    return out
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
+def code_notes(rows: pd.DataFrame) -> list[str]:
+    """The footnotes on code versions: which made the table, and a warning when it mixes them.
+
+    A table mixes code when one method's runs come from more than one version of its code, or
+    its runs (baselines included) from more than one harness version ("h1" of "h1-3f2a9c1e").
+    """
+    by_method: dict[str, Counter] = {}
+    for _, row in rows[rows["kind"].isin(["baseline", "measured"])].iterrows():
+        name = "baseline" if row["kind"] == "baseline" else row["method"]
+        by_method.setdefault(name, Counter()).update(_versions(row["code_versions"]))
+    by_method = {name: versions for name, versions in by_method.items() if versions}
+    if not by_method:
+        return []
+    listed = "; ".join(
+        f"{name} " + ", ".join(f"{v} ({_runs(n)})" for v, n in sorted(versions.items()))
+        for name, versions in sorted(by_method.items(), key=lambda kv: kv[0] != "baseline")
+    )
+    notes = [
+        f"Code versions (h<harness version>-<method code fingerprint>; tag code_version): {listed}."
+    ]
+    harness: Counter = Counter()
+    for versions in by_method.values():
+        for version, n in versions.items():
+            harness[version.split("-")[0] if version != UNVERSIONED else version] += n
+    mixed = [
+        f"{name} {v} ({_runs(n)})"
+        for name, versions in sorted(by_method.items())
+        if len(versions) > 1
+        for v, n in sorted(versions.items())
+    ]
+    if len(harness) > 1:
+        mixed += [f"harness {v} ({_runs(n)})" for v, n in sorted(harness.items())]
+    if mixed:
+        notes.append(
+            f"{WARNING} This table mixes code versions: {', '.join(mixed)}. Its rows were not all"
+            " measured by the same code: rerun the sweep (python -m bench.sweep) to bring them"
+            " to the current code."
+        )
+    return notes
 
 
 # ------------------------------------------------------------------------------------- writers
@@ -233,6 +310,7 @@ _LATEX_SYMBOLS = {
     "Δ": r"$\Delta$",
     DAGGER: r"$^\dagger$",
     DASH: "---",
+    WARNING: r"\textbf{(!)}",
 }
 
 

@@ -1,8 +1,9 @@
 """A fake study written straight into a temporary MLflow store, following the harness's schema.
 
 ``write_fake_store(root)`` creates ``root/mlflow.db`` (experiments ``fakestudy``, ``evilstudy``,
-``nometrics``, ``emptystudy``) and ``root/optuna.db`` (two tuning studies) and returns their URIs.
-The numbers are chosen so that tests can check means, stds and the bold marks by hand (see TOP1).
+``nometrics``, ``emptystudy``, ``paretostudy``) and ``root/optuna.db`` (two tuning studies) and
+returns their URIs. The numbers are chosen so that tests can check means, stds and the bold marks
+by hand (see TOP1; PARETO for the study tuned with ``tuning.mode: pareto``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ TUNED_ONE = f"{STUDY}/freq_lowrank/2"  # Optuna study with 1 complete trial (no 
 TUNED_PARETO = f"{STUDY}/magnitude/4"  # two objectives (accuracy, MACs), 3 trials
 SCRIPT = "<script>alert(1)</script>"  # a method tag that must not become markup
 STUDY_YAML = "name: fakestudy\nmodel: vgg16_bn_cifar\ndataset: cifar10\nratios: [2, 4]\n"
+# paretostudy (tuning.mode: pareto): (method, ratio) -> test top-1 (seed 0) and MACs ratio of each
+# point of the front, by pareto_index; seed 1 scores one point more. dct_pruning @ 4's second point
+# FAILED (it missed its target); magnitude @ 2 had no feasible trial: one final of the defaults.
+PARETO_STUDY = "paretostudy"
+PARETO = {
+    ("dct_pruning", "2"): [(89.0, 1.2), (88.0, 1.6), (86.0, 2.0)],
+    ("dct_pruning", "4"): [(85.0, 3.0)],
+}
+PARETO_FAILED = ("dct_pruning", "4", "1")
+PARETO_ERROR = "TargetMissed: achieved params ratio 3.500x misses the target 4x"
+PARETO_DEFAULTS = ("magnitude", "2")
+
+
+def code_version(method: str | None = None) -> str:
+    """The ``code_version`` tag of a run (harness 1, a made-up method fingerprint)."""
+    return "h1" if method is None else f"h1-{sum(map(ord, method)):08x}"
 
 
 class _Writer:
@@ -84,6 +101,7 @@ def _common(stage: str, seed: int = 0, model: str = MODEL) -> dict[str, str]:
         "seed": str(seed),
         "run_key": f"{stage}-{seed}",
         "git_sha": "0" * 40,
+        "code_version": code_version(),
     }
 
 
@@ -92,6 +110,7 @@ def _compressed(method: str, ratio: str, stage: str, seed: int = 0, **extra: str
     tags = _common(stage, seed, extra.pop("model", MODEL))
     tags.update(method=method, family=family, structured=str(structured).lower(), ratio=ratio)
     tags["run_key"] = f"{stage}-{method}-{ratio}-{seed}"
+    tags["code_version"] = code_version(method)
     return {**tags, **extra}
 
 
@@ -227,4 +246,36 @@ def write_fake_store(root) -> tuple[str, str]:
     w.run(_compressed("dct_pruning", "2", "final"), metrics)
 
     client.create_experiment("emptystudy", artifact_location=artifacts)
+    _pareto_study(client, artifacts)
     return tracking, storage
+
+
+def _pareto_study(client: MlflowClient, artifacts: str) -> None:
+    """The ``paretostudy`` experiment: finals of every point of the fronts (see PARETO)."""
+    w = _Writer(client, client.create_experiment(PARETO_STUDY, artifact_location=artifacts))
+
+    def run(tags: dict[str, str], *args, **kwargs) -> str:
+        return w.run({**tags, "study": PARETO_STUDY}, *args, **kwargs)
+
+    for seed in SEEDS:
+        metrics = {"test_top1": BASELINE_TOP1[seed], "params": DENSE_PARAMS, "macs": DENSE_MACS}
+        run(_common("baseline", seed), metrics)
+    for (method, ratio), points in PARETO.items():
+        failed = (method, ratio) == PARETO_FAILED[:2]
+        front = ",".join(str(3 * i) for i in range(len(points) + failed))  # trial numbers
+        parent = run(_compressed(method, ratio, "parent", pareto_trials=front), {"trials_used": 6})
+        for index, (top1, macs_ratio) in enumerate(points):
+            for seed in SEEDS:
+                metrics = final_metrics(method, ratio, seed)
+                metrics |= {"test_top1": top1 + seed, "macs_ratio": macs_ratio}
+                metrics["macs"] = DENSE_MACS / macs_ratio
+                tags = _compressed(method, ratio, "final", seed, pareto_index=str(index))
+                run({**tags, "run_key": f"{tags['run_key']}-p{index}"}, metrics, parent=parent)
+        if failed:
+            index = PARETO_FAILED[2]
+            tags = _compressed(method, ratio, "final", 0, pareto_index=index, error=PARETO_ERROR)
+            run(tags, {"params_ratio": 3.5}, status="FAILED", parent=parent)
+    parent = run(_compressed(*PARETO_DEFAULTS, "parent"), {"trials_used": 6})
+    for seed in SEEDS:
+        tags = _compressed(*PARETO_DEFAULTS, "final", seed, params_source="default")
+        run(tags, final_metrics(*PARETO_DEFAULTS, seed), parent=parent)

@@ -23,8 +23,9 @@ from reports import ReportError, build_report
 from reports.__main__ import main
 from reports._common import TIMES, safe_name
 from reports.aggregate import summarize
+from reports.html import GroupPage, render_page
 from reports.load import StudyRuns, load_study
-from reports.plots import pareto_front
+from reports.plots import pareto_figure, pareto_front
 from reports.reference import DEFAULT_REFERENCE, load_references
 from reports.tables import display_table
 from reports.tuning import tuning_views
@@ -138,20 +139,26 @@ def _study_of(runs: list[dict]) -> StudyRuns:
     return StudyRuns("hand", "memory", pd.DataFrame.from_records(records), None)
 
 
-def test_summary_counts_a_rerun_seed_once_and_shows_top5_when_logged():
-    final = {"baseline_test_top1": 76.0, "stored_params": 5e6, "params_ratio": 5.0, "macs": 1e9}
-    final |= {"macs_ratio": 4.0, "speedup": 2.0, "test_top5": 90.0}
+def _final(method: str, ratio: str, top1: float, achieved: float | None = None, **tags) -> dict:
+    """A hand-built final run; ``achieved``: its params ratio (default: the target's)."""
+    if achieved is None:
+        achieved = float(ratio)
+    metrics = {"baseline_test_top1": 76.0, "stored_params": 25e6 / achieved, "macs": 1e9}
+    metrics |= {"params_ratio": achieved, "macs_ratio": 4.0, "speedup": 2.0, "test_top5": 90.0}
+    tags = {"method": method, "ratio": ratio, **tags}
+    return {"stage": "final", "tags": tags, "metrics": {**metrics, "test_top1": top1}}
 
-    def dct(ratio: str, top1: float) -> dict:
-        tags = {"method": "dct_pruning", "ratio": ratio}
-        return {"stage": "final", "tags": tags, "metrics": {**final, "test_top1": top1}}
+
+def test_summary_counts_a_rerun_seed_once_and_shows_top5_when_logged():
+    def dct(ratio: str, top1: float, achieved: float | None = None) -> dict:
+        return _final("dct_pruning", ratio, top1, achieved)
 
     study = _study_of(
         [
             {"stage": "baseline", "metrics": {"test_top1": 76.0, "test_top5": 93.0}},
             dct("2", 70.0),
             dct("2", 72.0),
-            dct("rates:0.5,0.9", 60.0),
+            dct("rates:0.5,0.9", 60.0, achieved=5.0),
             dct("16", 50.0),
             {"stage": "parent", "tags": {"method": "svd", "ratio": "4"}},
             {"stage": "final", "tags": {"method": "svd", "ratio": "4"}, "status": "RUNNING"},
@@ -166,12 +173,69 @@ def test_summary_counts_a_rerun_seed_once_and_shows_top5_when_logged():
     two = rows[(f"2{TIMES}", "dct_pruning")]
     assert two["Top-1 (%)"] == "72.00" and two["Seeds"] == "1"  # the rerun replaced seed 0's run
     assert two["Top-5 (%)"] == "90.00" and two["Baseline top-5 (%)"] == "93.00"
-    assert two["Params red. (%)"] == "80.0" and two["FLOPs (MACs) red. (%)"] == "75.0"
+    assert two["Params red. (%)"] == "50.0" and two["FLOPs (MACs) red. (%)"] == "75.0"
     assert rows[(f"4{TIMES}", "svd")]["Status"] == "missing: final run RUNNING"
     reported = rows[("—", "dct_pruning")]
     assert reported["Top-5 (%)"] == "90.77" and reported["Baseline top-5 (%)"] == "92.87"
     ratios = [row[0].text for row, kind in zip(table.rows, table.kinds) if kind != "reported"]
-    assert ratios == ["—", f"2{TIMES}", f"4{TIMES}", f"16{TIMES}", "rates:0.5,0.9"]
+    # per-layer rates: labelled by their spec and the params ratio they reached
+    assert ratios == ["—", f"2{TIMES}", f"4{TIMES}", f"16{TIMES}", f"rates:0.5,0.9 (5.00{TIMES})"]
+    assert rows[(f"rates:0.5,0.9 (5.00{TIMES})", "dct_pruning")]["Params red. (%)"] == "80.0"
+
+
+def test_a_final_off_its_target_never_stands_under_it():
+    # recorded before the harness checked targets: 3.1x under 4x, and rates that compress nothing
+    study = _study_of(
+        [
+            _final("svd", "4", 70.0, achieved=3.1),
+            _final("svd", "2", 75.0, achieved=2.03),  # within 2 %
+            _final("svd", "rates:0.1", 74.0, achieved=1.0),
+            _final("lrsd", "4", 71.0),
+            _final("lrsd", "4", 72.0, achieved=4.5),  # a later run of the seed, off target
+        ]
+    )
+    summary = summarize(study, [])
+    rows = {(r.method, r.ratio): r for r in summary.itertuples()}
+    assert rows[("svd", "4")].kind == "missing"
+    assert rows[("svd", "4")].note == (
+        "final run missed its target: params ratio 3.100 for target 4 (outside 2%)"
+    )
+    assert rows[("svd", "rates:0.1")].kind == "missing"
+    assert "params ratio 1.00 for layer rates" in rows[("svd", "rates:0.1")].note
+    assert rows[("svd", "2")].kind == "measured" and rows[("svd", "2")].top1_mean == 75.0
+    assert rows[("lrsd", "4")].top1_mean == 71.0  # the on-target run counts, not the newer one
+
+
+def test_a_table_names_its_code_versions_and_flags_a_mix():
+    v1, v2 = "h1-a1b2c3d4", "h1-c3d4e5f6"
+    runs = [
+        {"stage": "baseline", "metrics": {"test_top1": 76.0}, "tags": {"code_version": "h1"}},
+        _final("lrsd", "2", 70.0, code_version=v1),
+        _final("lrsd", "4", 68.0, code_version=v1),
+        _final("lrsd", "8", 60.0, code_version=v2),
+        _final("svd", "2", 69.0, code_version="h1-99999999"),
+    ]
+    table = display_table(summarize(_study_of(runs), []), "resnet50", "imagenet")
+    notes = [n for n in table.footnotes if "code version" in n.lower()]
+    assert notes[0] == (
+        "Code versions (h<harness version>-<method code fingerprint>; tag code_version): "
+        f"baseline h1 (1 run); lrsd {v1} (2 runs), {v2} (1 run); svd h1-99999999 (1 run)."
+    )
+    assert notes[1].startswith(
+        f"⚠ This table mixes code versions: lrsd {v1} (2 runs), lrsd {v2} (1 run). "
+    )
+    assert len(notes) == 2
+    page = render_page("hand", "memory", [GroupPage(table)], None)
+    assert f'<li class="warning">⚠ This table mixes code versions: lrsd {v1} (2 runs)' in page
+    # one code per method, one harness: no warning
+    same = display_table(summarize(_study_of(runs[:3]), []), "resnet50", "imagenet")
+    assert not [n for n in same.footnotes if "mixes" in n]
+    # another harness version mixes the table, and so do runs from before the tag existed
+    bumped = [*runs[:3], _final("svd", "2", 69.0, code_version="h2-99999999"), _final("x", "2", 1)]
+    notes = display_table(summarize(_study_of(bumped), []), "resnet50", "imagenet").footnotes
+    (warning,) = [n for n in notes if "mixes" in n]
+    assert "harness h1 (3 runs), harness h2 (1 run), harness unversioned (1 run)" in warning
+    assert "x unversioned (1 run)" in next(n for n in notes if n.startswith("Code versions"))
 
 
 # --------------------------------------------------------------------------- the whole report
@@ -221,6 +285,37 @@ def test_table_numbers_are_mean_and_std_over_seeds(cli_report):
     assert "† Unstructured sparsity" in md
 
 
+def test_every_pareto_point_is_a_row_and_a_point(store, tmp_path):
+    # tuning.mode: pareto: every point of a front has final runs of its own, and each is shown
+    out = tmp_path / "pareto"
+    summary = build_report(fake.PARETO_STUDY, tracking_uri=store[0], out=out, reference=None)
+    summary = summary.summary
+    for (method, ratio), points in fake.PARETO.items():
+        rows = summary[(summary["method"] == method) & (summary["ratio"] == ratio)]
+        measured = rows[rows["kind"] == "measured"]
+        assert list(measured["pareto_index"]) == [str(i) for i in range(len(points))]
+        assert list(measured["n_seeds"]) == [2] * len(points)
+        assert list(measured["top1_mean"]) == pytest.approx([top1 + 0.5 for top1, _ in points])
+        reductions = [100 * (1 - 1 / macs) for _, macs in points]
+        assert list(measured["macs_reduction"]) == pytest.approx(reductions)
+    md = (out / GROUP / "table.md").read_text()
+    for i, (top1, _) in enumerate(fake.PARETO[("dct_pruning", "2")]):
+        assert f"{top1 + 0.5:.2f} ± 0.71" in _md_row(
+            md, f"dct_pruning (Pareto {i + 1}/3)", f"2{TIMES}"
+        )
+    assert "85.50 ± 0.71" in _md_row(md, "dct_pruning (Pareto 1/2)", f"4{TIMES}")
+    failed = _md_row(md, "dct_pruning (Pareto 2/2)", f"4{TIMES}")  # the point that missed
+    assert failed[-1] == f"missing: final run FAILED: {fake.PARETO_ERROR}"
+    assert "**90.10 ± 0.71**" in _md_row(md, "magnitude", f"2{TIMES}")  # the defaults: no front
+    assert "Pareto n/N: point n of the N points on the tuning's Pareto front" in md
+    # the plots: one labelled point per Pareto point
+    for axis in ("params", "macs", "speedup"):
+        fig = pareto_figure(summary, axis, "paretostudy")
+        labels = sorted(text.get_text() for text in fig.axes[0].texts)
+        assert labels == [f"2{TIMES}", *(f"2{TIMES} P{i}" for i in (1, 2, 3)), f"4{TIMES} P1"]
+    assert (out / GROUP / "pareto_macs.png").stat().st_size > 5000
+
+
 def test_missing_rows_say_why(cli_report):
     md = (cli_report[0] / GROUP / "table.md").read_text()
     assert _md_row(md, "svd", f"2{TIMES}")[-1] == "missing: no final run"
@@ -228,6 +323,20 @@ def test_missing_rows_say_why(cli_report):
         _md_row(md, "l1_filter", f"4{TIMES}")[-1]
         == f"missing: final run FAILED: {fake.FAILED_ERROR}"
     )
+
+
+def test_the_table_names_the_code_versions_behind_it(cli_report):
+    md = (cli_report[0] / GROUP / "table.md").read_text()
+    versions = {m: fake.code_version(m) for m in fake.METHODS}
+    assert (
+        "- Code versions (h<harness version>-<method code fingerprint>; tag code_version): "
+        f"baseline h1 (2 runs); dct_pruning {versions['dct_pruning']} (4 runs); freq_lowrank "
+        f"{versions['freq_lowrank']} (4 runs); magnitude {versions['magnitude']} (4 runs).\n"
+    ) in md
+    assert "mixes code versions" not in md
+    csv = pd.read_csv(cli_report[0] / GROUP / "table.csv", dtype=str, keep_default_na=False)
+    row = csv[(csv["method"] == "magnitude") & (csv["ratio"] == "4")].iloc[0]
+    assert row["code_versions"] == f"{versions['magnitude']}:2"
 
 
 def test_bold_marks_the_best_measured_value_at_each_ratio(cli_report):

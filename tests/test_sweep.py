@@ -11,10 +11,13 @@ from mlflow.tracking import MlflowClient
 
 from bench.cli import main_guard
 from bench.paths import default_storage, default_tracking_uri
+from bench.runs import RunSpec, method_defaults
+from bench.study import load_study
 from bench.sweep import main as sweep_main
 from bench.sweep import next_commands
 
 ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = str(Path(__file__).parent / "plugins")
 FAST = ("--set", "latency.min_run_time=0.01", "--no-preflight")
 needs_fmnist = pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").exists(),
@@ -174,6 +177,90 @@ def test_printed_next_commands_work_as_printed(smoke_results, monkeypatch, capsy
     assert (out / "index.html").is_file() and (out / "summary.csv").is_file()
 
 
+@needs_fmnist
+def test_rerun_forces_new_finals_and_keeps_the_old(smoke_results, monkeypatch, capsys):
+    monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
+    study = load_study("smoke")
+    key = RunSpec.final(study, "l1_filter", 2, 0, method_defaults(study, "l1_filter")).key
+
+    def finished(stage, method="l1_filter"):
+        _, found = runs(stage=stage)
+        return [
+            r
+            for r in found
+            if r.info.status == "FINISHED" and r.data.tags["method"] == method
+            and (method != "l1_filter" or stage != "final" or r.data.tags["run_key"] == key)
+        ]  # fmt: skip
+
+    finals, parents = finished("final"), finished("parent")
+    magnitude = finished("final", "magnitude")
+    assert len(finals) == 1
+    assert sweep("--rerun", "l1_filter@2", "--dry-run", *FAST) == 0
+    plan = capsys.readouterr().out
+    assert "to redo (--rerun)" in plan and "1 of 3 steps to do" in plan
+    assert sweep("--rerun", "l1_filter", *FAST) == 0
+    assert "(1 already done, 1 run now)" in capsys.readouterr().out  # magnitude: done
+    again = finished("final")
+    assert len(again) == 2 and {r.info.run_id for r in finals} < {r.info.run_id for r in again}
+    assert len(finished("parent")) == len(parents) + 1
+    assert len(finished("final", "magnitude")) == len(magnitude)  # not named: not rerun
+    assert sweep(*FAST) == 0  # without --rerun the newest finished run counts
+    assert "nothing to train" in capsys.readouterr().out
+
+
+SLOPPY = ("--plugin", "probe_method", "--set", "methods=[probe]")
+SLOPPY += ("--set", "method_args={probe: {sloppy: true}}")  # the probe reaches 1.2x for 2x
+MISSES = {
+    "no-tune": (SLOPPY, "probe", "2", "achieved params ratio 1.2"),
+    # sloppy fixed: every trial is infeasible, and the finals fall back to the defaults
+    "no feasible trial": (
+        (*SLOPPY, "--set", "tuning.trials=1", "--set", "tuning.epochs=0.25"),
+        "probe",
+        "2",
+        "achieved params ratio 1.2",
+    ),
+    "layer rates": (
+        ("--set", "methods=[l1_filter]", "--set", "ratios=['[0.0]*12']"),
+        "l1_filter",
+        "rates:" + ",".join(["0"] * 12),
+        "compress nothing: params ratio 1.000x",
+    ),
+}
+
+
+def newest(found, method, ratio):
+    """The run of (method, ratio) started last."""
+    ours = [r for r in found if (r.data.tags["method"], r.data.tags["ratio"]) == (method, ratio)]
+    return max(ours, key=lambda r: r.info.start_time)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("case", MISSES)
+def test_a_final_that_misses_its_target_fails_with_the_reason(
+    smoke_results, monkeypatch, capsys, case
+):
+    args, method, ratio, reason = MISSES[case]
+    monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
+    monkeypatch.syspath_prepend(PLUGINS)
+    assert sweep(*args, *FAST) == 1
+    err = capsys.readouterr().err
+    assert f"FAILED {method} @ {ratio}: 1 final run(s) missed the target: " in err
+    _, finals = runs(stage="final")
+    final = newest(finals, method, ratio)
+    assert reason in final.data.tags["error"]
+    assert final.info.status == "FAILED" and final.data.tags["error"].startswith("TargetMissed: ")
+    assert "\n" not in final.data.tags["error"]
+    if ratio == "2":
+        assert "the target 2x (allowed 1.960x to 2.040x: 2% tolerance)" in final.data.tags["error"]
+        assert final.data.metrics["params_ratio"] < 1.96
+    assert "test_top1" not in final.data.metrics  # stopped before fine-tuning and testing
+    _, parents = runs(stage="parent")
+    parent = newest(parents, method, ratio)
+    assert parent.info.status == "FAILED"
+    if case == "no feasible trial":
+        assert parent.data.tags["tuning_note"].startswith("no feasible complete trial")
+
+
 def test_next_commands_name_the_stores_only_when_not_the_defaults(results, tmp_path):
     browse, report = next_commands("smoke", default_tracking_uri(), default_storage())
     assert browse == "python -m bench.ui --study smoke"
@@ -201,6 +288,9 @@ def test_next_commands_name_the_stores_only_when_not_the_defaults(results, tmp_p
         (["--set", "dataset=cifar10"], "--download"),
         (["--bogus"], "unrecognized arguments"),
         (["--plugin", "no_such_module_xyz"], "cannot import"),
+        (["--rerun", "svd"], "--rerun svd: method 'svd' is not in study smoke"),
+        (["--rerun", "l1_filter@4"], "ratio '4' is not in study smoke; its ratios: 2"),
+        (["--rerun", "l1_filter@half"], "--rerun l1_filter@half: cannot read layer rates"),
     ],
 )
 def test_bad_input_exit_2_one_line_nothing_written(results, capsys, args, message):

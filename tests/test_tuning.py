@@ -95,6 +95,9 @@ def test_pareto_mode(results, probe_path):
     front = parent.data.tags["pareto_trials"].split(",")
     assert len(front) >= 1
     assert len(mlflow_runs("final")) == len(front)
+    # each point's finals say which point they are: reports show every one as a row of its own
+    indices = sorted(int(r.data.tags["pareto_index"]) for r in mlflow_runs("final"))
+    assert indices == list(range(len(front)))
     study = optuna.load_study(
         study_name="smoke/vgg16_bn_cifar/fashion-mnist/probe/2", storage=default_storage()
     )
