@@ -301,7 +301,10 @@ def _check_options(name: str, pretrained: bool, width: float, kwargs: dict[str, 
 
 def _entrypoint(name: str, build: Callable[..., nn.Module], doc: str) -> Callable[..., nn.Module]:
     """Register ``build`` in timm as ``name`` (its ``__name__``), behind the checks every
-    entrypoint makes; timm calls it as ``entrypoint(pretrained=..., **kwargs)``."""
+    entrypoint makes; timm calls it as ``entrypoint(pretrained=..., **kwargs)``. ``name`` must be
+    in :data:`bench.names.CIFAR_MODELS`, where command lines look it up without importing this."""
+    if name not in CIFAR_MODELS:
+        raise ModelError(f"{name}: list it in bench.names.CIFAR_MODELS")
 
     def entrypoint(
         pretrained: bool = False,
@@ -338,9 +341,16 @@ resnet110_cifar = _entrypoint(
     functools.partial(CifarResNet, 110),
     "ResNet-110 for CIFAR (He et al. 2016): 1.73M params, 252.89M MACs at 32 x 32.",
 )
-# timm's own names (deprecated aliases too: timm.is_model accepts them), for bench.names
-_timm_own = getattr(_registry, "_model_entrypoints", None) or timm.list_models()
-write_timm_cache(set(_timm_own) - set(CIFAR_MODELS))
+
+
+def cache_timm_names() -> None:
+    """Write timm's own model names (deprecated aliases too: ``timm.is_model`` accepts them) for
+    :mod:`bench.names`, once per timm version; done on import, so the next typo needs no timm."""
+    names = getattr(_registry, "_model_entrypoints", None) or timm.list_models()
+    write_timm_cache(set(names) - set(CIFAR_MODELS))
+
+
+cache_timm_names()
 
 
 def list_cifar_models() -> list[str]:

@@ -404,6 +404,7 @@ def check_data(study: Study) -> None:
             )
         if round(epochs * steps) == 0:
             raise StudyError(
-                f"{where}: {key}.epochs = {epochs:g} is no training step ({steps} steps of "
-                f"{recipe.batch_size} images per epoch): use at least {1 / steps:.3g} epochs"
+                f"{where}: {key}.epochs = {epochs:g} is no training step ({steps} batches of "
+                f"{recipe.batch_size} per epoch, {train} images): use at least {1 / steps:.3g} "
+                "epochs"
             )
