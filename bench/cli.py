@@ -1,8 +1,13 @@
 """What every command-line entry point shares: exit codes, one-line errors, signals, plugins.
 
-Exit codes: 0 done; 1 internal error (one-line summary + the file the traceback was written to);
-2 usage or configuration error (one line: what is wrong and what to do); 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM). Interrupted runs are marked KILLED by ``bench.tracking``; a rerun resumes.
+Exit codes: 0 done; 1 internal error (one-line summary + the file the traceback was written to)
+or out of memory (one line: what to lower); 2 usage or configuration error (one line: what is
+wrong and what to do), raised before anything is written; 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM). Interrupted runs are marked KILLED by ``bench.tracking``; a rerun resumes.
+
+Out of memory is 1, not 2: it is found while running, after runs were recorded (FAILED, with the
+reason), and the same command may fit another machine or device; 2 keeps meaning "rejected, nothing
+ran".
 """
 
 from __future__ import annotations
@@ -18,11 +23,39 @@ from pathlib import Path
 
 from bench.paths import results_dir
 
-__all__ = ["UsageError", "import_plugins", "main_guard", "usage_errors"]
+__all__ = [
+    "OutOfMemory",
+    "UsageError",
+    "import_plugins",
+    "is_out_of_memory",
+    "main_guard",
+    "usage_errors",
+]
 
 
 class UsageError(ValueError):
     """A bad command line (the message is one line)."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device or the host ran out of memory; the message (one line) says what to lower.
+
+    Stops a sweep: every further run would need as much (exit 1, see the module docstring)."""
+
+
+# what torch's CPU allocator (and older CUDA, MPS, HIP builds) put in a plain RuntimeError
+_OUT_OF_MEMORY_TEXT = ("can't allocate memory", "out of memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """``err`` says memory ran out: :class:`MemoryError`, ``torch.OutOfMemoryError`` (CUDA), or
+    a ``RuntimeError`` from an allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    torch = sys.modules.get("torch")  # no torch imported: no torch error raised
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(err, MemoryError | OutOfMemory) or (oom is not None and isinstance(err, oom)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(t in text for t in _OUT_OF_MEMORY_TEXT)
 
 
 class Terminated(KeyboardInterrupt):
@@ -32,7 +65,7 @@ class Terminated(KeyboardInterrupt):
 # (module, class) of every error that means "bad input": exit 2 with its one-line message
 _USAGE_ERROR_CLASSES = (
     ("bench.study", "StudyError"),
-    ("methods.base", "MethodConfigError"),
+    ("methods._targets", "MethodConfigError"),
     ("bench.dataset_info", "DataError"),
     ("bench.models", "ModelError"),
     ("bench.tracking", "TrackingError"),
@@ -86,8 +119,15 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def main_guard(main: Callable[[list[str] | None], int | None], prog: str) -> Callable:
-    """Wrap ``main(argv)``: errors become the project's exit codes and one-line messages."""
+def main_guard(
+    main: Callable[[list[str] | None], int | None],
+    prog: str,
+    lower: str = "the batch size or the model's width",
+) -> Callable:
+    """Wrap ``main(argv)``: errors become the project's exit codes and one-line messages.
+
+    ``lower`` names what to lower when memory runs out (an :class:`OutOfMemory` says it itself).
+    """
 
     def wrapped(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -104,9 +144,15 @@ def main_guard(main: Callable[[list[str] | None], int | None], prog: str) -> Cal
         except KeyboardInterrupt:
             print(f"{prog}: interrupted; finished runs are kept, rerun to resume", file=sys.stderr)
             return 130
+        except OutOfMemory as err:
+            print(f"{prog}: {err}", file=sys.stderr)
+            return 1
         except Exception as err:
-            where = _log_traceback()
             line = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            if is_out_of_memory(err):
+                print(f"{prog}: out of memory ({line[:160]}): lower {lower}", file=sys.stderr)
+                return 1
+            where = _log_traceback()
             print(f"{prog}: internal error: {line} (traceback: {where})", file=sys.stderr)
             return 1
         finally:

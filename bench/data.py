@@ -58,7 +58,6 @@ _FASHION_MNIST_FILES = {
 }
 _CIFAR_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 _SYNTHETIC_SEED = 20240917  # the synthetic dataset is one fixed dataset, whatever the split seed
-_SYNTHETIC_SIZES = (2048, 512)  # default train and test images
 
 
 @dataclass(frozen=True)
@@ -277,9 +276,9 @@ def _split_indices(
     test_subset: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sorted train, val and test indices (see the module docstring)."""
-    if not 0 <= val_size < n_train:
+    if not 1 <= val_size < n_train:  # no validation images: every accuracy would read 0 %
         raise DataError(
-            f"val_size must be in [0, {n_train - 1}] for {n_train} images, not {val_size}"
+            f"val_size must be in [1, {n_train - 1}] for {n_train} images, not {val_size}"
         )
     perm = _permutation(n_train, split_seed)
     val, train = perm[:val_size], perm[val_size:]
@@ -340,7 +339,7 @@ def load_splits(
     elif name in _CIFAR_LABELS:
         x_train, y_train, x_test, y_test = _load_cifar(name, root or default_data_root(), download)
     else:
-        n_train, n_test = train_subset or _SYNTHETIC_SIZES[0], test_subset or _SYNTHETIC_SIZES[1]
+        n_train, n_test = train_subset or info.train_images, test_subset or info.test_images
         x_train, y_train = _synthetic(n_train + val_size, _SYNTHETIC_SEED + 1, info)
         x_test, y_test = _synthetic(n_test, _SYNTHETIC_SEED + 2, info)
     train, val, test = _split_indices(

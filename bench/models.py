@@ -21,7 +21,6 @@ models deepcopy and pickle.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,8 +28,10 @@ from typing import Any
 import timm
 import torch
 import torch_pruning as tp
-from timm.models import register_model
+from timm.models import _registry, register_model
 from torch import nn
+
+from bench.names import CIFAR_MODELS, unknown_model_message, write_timm_cache
 
 __all__ = [
     "BasicBlock",
@@ -300,7 +301,10 @@ def _check_options(name: str, pretrained: bool, width: float, kwargs: dict[str, 
 
 def _entrypoint(name: str, build: Callable[..., nn.Module], doc: str) -> Callable[..., nn.Module]:
     """Register ``build`` in timm as ``name`` (its ``__name__``), behind the checks every
-    entrypoint makes; timm calls it as ``entrypoint(pretrained=..., **kwargs)``."""
+    entrypoint makes; timm calls it as ``entrypoint(pretrained=..., **kwargs)``. ``name`` must be
+    in :data:`bench.names.CIFAR_MODELS`, where command lines look it up without importing this."""
+    if name not in CIFAR_MODELS:
+        raise ModelError(f"{name}: list it in bench.names.CIFAR_MODELS")
 
     def entrypoint(
         pretrained: bool = False,
@@ -337,12 +341,21 @@ resnet110_cifar = _entrypoint(
     functools.partial(CifarResNet, 110),
     "ResNet-110 for CIFAR (He et al. 2016): 1.73M params, 252.89M MACs at 32 x 32.",
 )
-_CIFAR_MODELS = ("vgg16_bn_cifar", "resnet20_cifar", "resnet56_cifar", "resnet110_cifar")
+
+
+def cache_timm_names() -> None:
+    """Write timm's own model names (deprecated aliases too: ``timm.is_model`` accepts them) for
+    :mod:`bench.names`, once per timm version; done on import, so the next typo needs no timm."""
+    names = getattr(_registry, "_model_entrypoints", None) or timm.list_models()
+    write_timm_cache(set(names) - set(CIFAR_MODELS))
+
+
+cache_timm_names()
 
 
 def list_cifar_models() -> list[str]:
     """Names of the CIFAR models this module registers in timm, sorted."""
-    return sorted(_CIFAR_MODELS)
+    return sorted(CIFAR_MODELS)
 
 
 def canonical_width(width: float | None) -> float | None:
@@ -366,13 +379,9 @@ def create_model(
         ModelError: unknown name (with a did-you-mean), or ``width`` for a model that has none.
     """
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ModelError(
-            f"unknown model {name!r}{hint} (CIFAR models: {', '.join(list_cifar_models())})"
-        )
+        raise ModelError(unknown_model_message(name, timm.list_models()))
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
-    if name in _CIFAR_MODELS:
+    if name in CIFAR_MODELS:
         kwargs["width"] = 1.0 if width is None else width
     elif width is not None and width != 1.0:
         raise ModelError(

@@ -22,13 +22,16 @@ import dataclasses
 import json
 import sys
 
-import torch
-
-from bench import footprint
 from bench.cli import ArgumentParser, UsageError, import_plugins, main_guard
+from bench.dataset_info import dataset_info
+from bench.names import unknown_method, unknown_model
 from bench.study import parse_override
+from methods._targets import Target
 
-__all__ = ["catalogue", "main", "profile"]
+# torch, timm and the methods are imported by profile(), after check_args(): a typo is answered
+# at once, without loading them
+
+__all__ = ["catalogue", "check_args", "main", "profile"]
 
 
 def build_parser() -> ArgumentParser:
@@ -117,14 +120,38 @@ def render_catalogue(cat: dict) -> str:
     )
 
 
-def profile(args) -> dict:
-    """Measure the dense model and, when a method is given, the compressed one."""
-    from bench.data import dataset_info
-    from bench.models import create_model
-    from methods.base import CalibData, CompressionWarning, Target, create_method, no_finetune
-
+def check_args(args) -> tuple[dict, Target | None]:
+    """The usage errors found without torch, timm or the methods (``bench.names``); returns the
+    method's hyperparameters (``--set``) and the target (None without ``--method``)."""
     if args.model is None or args.dataset is None:
         raise UsageError("--model and --dataset are needed (python -m bench.profile --list)")
+    dataset_info(args.dataset)
+    problem = unknown_model(args.model)
+    if problem:
+        raise UsageError(problem)
+    if args.method is None:
+        if args.ratio is not None or args.layer_rates is not None or args.hps:
+            raise UsageError("--ratio, --layer-rates and --set need --method")
+        return {}, None
+    if args.ratio is None and args.layer_rates is None:
+        raise UsageError("--method needs a target: --ratio R or --layer-rates SPEC")
+    problem = unknown_method(args.method)
+    if problem:
+        raise UsageError(problem)
+    hps = dict(parse_override(text) for text in args.hps)
+    target = Target(ratio=args.ratio) if args.ratio is not None else Target.parse(args.layer_rates)
+    return hps, target
+
+
+def profile(args) -> dict:
+    """Measure the dense model and, when a method is given, the compressed one."""
+    hps, target = check_args(args)
+    import torch  # see the note on imports at the top
+
+    from bench import footprint
+    from bench.models import create_model
+    from methods.base import CalibData, CompressionWarning, create_method, no_finetune
+
     info = dataset_info(args.dataset)
     shape = (info.in_chans, info.height, info.width)
     torch.manual_seed(args.seed)
@@ -142,15 +169,9 @@ def profile(args) -> dict:
     }
     fp = footprint.measure(dense, shape, **kw)
     out["dense"] = {**fp.as_dict(), "layers": footprint.layer_table(dense, shape)}
-    if args.method is None:
-        if args.ratio is not None or args.layer_rates is not None or args.hps:
-            raise UsageError("--ratio, --layer-rates and --set need --method")
+    if target is None:
         return out
-    if args.ratio is None and args.layer_rates is None:
-        raise UsageError("--method needs a target: --ratio R or --layer-rates SPEC")
-    hps = dict(parse_override(text) for text in args.hps)
     method = create_method(args.method, **hps)
-    target = Target(ratio=args.ratio) if args.ratio is not None else Target.parse(args.layer_rates)
     calib = CalibData.synthetic(shape, info.num_classes, n_batches=2, batch_size=16, seed=args.seed)
     import warnings
 
@@ -236,4 +257,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main, "bench.profile")())
+    sys.exit(main_guard(main, "bench.profile", "--batch-size (the latency batch) or --width")())

@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
+from bench.dataset_info import DataError, dataset_info, split_sizes
 from bench.samplers import PRUNERS, SAMPLERS
+from methods._targets import MethodConfigError, Target
 
 __all__ = [
     "DataConfig",
@@ -29,6 +31,7 @@ __all__ = [
     "Study",
     "StudyError",
     "TuningConfig",
+    "check_data",
     "config_hash",
     "find_study",
     "list_studies",
@@ -343,9 +346,6 @@ def _check_values(study: Study, where: str) -> Study:
     ratios = []
     for i, ratio in enumerate(study.ratios):
         if isinstance(ratio, str):
-            # methods.base imports torch: a study loads without it unless it has per-layer rates
-            from methods.base import MethodConfigError, Target
-
             try:
                 Target.parse(ratio)
             except MethodConfigError as err:
@@ -365,3 +365,46 @@ def _check_values(study: Study, where: str) -> Study:
             "(0 turns the BatchNorm re-estimation off)"
         )
     return replace(study, ratios=tuple(ratios))
+
+
+def check_data(study: Study) -> None:
+    """Refuse, with the numbers, data settings that would run and measure nothing: an unknown
+    dataset, no validation images (every accuracy 0 %), subsets larger than the data, and a
+    training split smaller than one batch or epochs shorter than one step (training drops the
+    last partial batch, so nothing would be trained). Reads no data: sizes come from
+    :func:`bench.dataset_info.split_sizes` (a dataset whose size only its files tell, an ImageNet
+    folder, is checked when it is loaded)."""
+    where = f"study {study.name}"
+    try:
+        info = dataset_info(study.dataset)
+    except DataError as err:
+        raise StudyError(f"{where}: dataset: {err}") from None
+    d = study.data
+    try:
+        train, _, _ = split_sizes(info, d.val_size, d.train_subset, d.test_subset)
+    except DataError as err:
+        raise StudyError(f"{where}: data.{err}") from None
+    if train is None:
+        return
+    trial_epochs = study.tuning.epochs if study.tuning.trials else None  # None: finetune's
+    for key, recipe, epochs in (
+        ("baseline", study.baseline, study.baseline.epochs),
+        ("finetune", study.finetune, study.finetune.epochs),
+        ("tuning", study.finetune, trial_epochs),
+    ):
+        if not epochs:  # 0: no training asked for
+            continue
+        steps = train // recipe.batch_size
+        size = "baseline" if key == "baseline" else "finetune"
+        if steps == 0:
+            raise StudyError(
+                f"{where}: {size}.batch_size = {recipe.batch_size} is more than the {train} "
+                f"training images (data.train_subset, data.val_size): training drops a partial "
+                f"batch, so nothing would be trained; use {size}.batch_size <= {train}"
+            )
+        if round(epochs * steps) == 0:
+            raise StudyError(
+                f"{where}: {key}.epochs = {epochs:g} is no training step ({steps} batches of "
+                f"{recipe.batch_size} per epoch, {train} images): use at least {1 / steps:.3g} "
+                "epochs"
+            )

@@ -15,32 +15,42 @@ step, is ``bench.compressed``; tuning is ``bench.tuning``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
 import shlex
 import sys
 import time
+import traceback
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tabulate import tabulate
 
-from bench import models
-from bench.cli import ArgumentParser, UsageError, import_plugins, main_guard
-from bench.data import check_available
+from bench.cli import (
+    ArgumentParser,
+    OutOfMemory,
+    UsageError,
+    import_plugins,
+    is_out_of_memory,
+    main_guard,
+)
 from bench.dataset_info import dataset_info
+from bench.names import unknown_method, unknown_model
 from bench.paths import default_storage, default_tracking_uri
-from bench.runs import BaselineSpec, RunResult, RunSpec, method_defaults
-from bench.study import Study, StudyError, load_study
-from methods.base import CalibData, MethodConfigError, Target, create_method, no_finetune
+from bench.study import Study, StudyError, check_data, load_study
 
-# MLflow (bench.tracking, and bench.runner and bench.tuning, which log to it) and pandas are
-# imported where first needed, after validation: a rejected command answers without loading them
+if TYPE_CHECKING:
+    from bench.runs import RunResult
 
-__all__ = ["main", "next_commands", "run_method_ratio", "validate_study"]
+# torch, timm and the methods (bench.models, bench.runs, methods.base), MLflow (bench.tracking,
+# bench.runner, bench.tuning) and pandas are imported where first needed, after the checks that
+# need none of them (check_study): a typo is answered at once, without loading them
+
+__all__ = ["check_study", "main", "next_commands", "run_method_ratio", "validate_study"]
 
 
 def build_parser() -> ArgumentParser:
@@ -88,6 +98,24 @@ def build_parser() -> ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------- validation
+def check_study(study: Study) -> None:
+    """The checks that need neither torch, timm nor the methods (``bench.names``): the names of
+    the dataset, model and methods, and the data's sizes (:func:`bench.study.check_data`); a
+    one-line :class:`StudyError`."""
+    where = f"study {study.name}"
+    check_data(study)
+    problem = unknown_model(study.model)
+    if problem:
+        raise StudyError(f"{where}: model: {problem}")
+    for name in study.method_args:
+        if name not in study.methods:
+            raise StudyError(f"{where}: method_args.{name}: {name!r} is not in methods")
+    for i, name in enumerate(study.methods):
+        problem = unknown_method(name)
+        if problem:
+            raise StudyError(f"{where}: methods[{i}]: {problem}")
+
+
 def validate_study(
     study: Study,
     *,
@@ -97,21 +125,24 @@ def validate_study(
     preflight: bool = True,
     say=print,
 ) -> None:
-    """Raise a one-line usage error for anything that would fail later; writes nothing."""
+    """Raise a one-line usage error for anything that would fail later; writes nothing.
+
+    :func:`check_study` first, then what builds the model and the methods (torch, timm)."""
+    check_study(study)
+    import torch  # see the note on imports at the top
+
+    from bench import models
+    from bench.data import check_available
+    from methods.base import CalibData, MethodConfigError, Target, create_method, no_finetune
+
     where = f"study {study.name}"
-    try:
-        info = dataset_info(study.dataset)
-    except Exception as err:
-        raise StudyError(f"{where}: dataset: {err}") from None
+    info = dataset_info(study.dataset)
     try:
         dense = models.create_model(
             study.model, num_classes=info.num_classes, in_chans=info.in_chans, width=study.width
         )
     except models.ModelError as err:
         raise StudyError(f"{where}: model: {err}") from None
-    for name in study.method_args:
-        if name not in study.methods:
-            raise StudyError(f"{where}: method_args.{name}: {name!r} is not in methods")
     built = {}
     for i, name in enumerate(study.methods):
         try:
@@ -173,7 +204,7 @@ def parse_reruns(study: Study, texts: list[str]) -> frozenset[tuple[str, str | N
     Raises:
         UsageError: a method or a ratio that is not in the study.
     """
-    from methods.base import Target
+    from methods._targets import MethodConfigError, Target  # torch-free: see the imports note
 
     labels = [Target.parse(r).label for r in study.ratios]
     out = set()
@@ -201,7 +232,7 @@ def parse_reruns(study: Study, texts: list[str]) -> frozenset[tuple[str, str | N
 
 def _selected(reruns, method: str, ratio) -> bool:
     """Does ``--rerun`` name (method, ratio)?"""
-    from methods.base import Target
+    from methods._targets import Target
 
     return bool({(method, None), (method, Target.parse(ratio).label)} & reruns)
 
@@ -209,6 +240,8 @@ def _selected(reruns, method: str, ratio) -> bool:
 # ------------------------------------------------------------------------------------ the plan
 def _hyperparameter_sets(sweep, tuner, method: str, ratio, parent) -> list[tuple[dict, str]]:
     """(hyperparameters, source) of the final runs: tuned, or the method's defaults."""
+    from bench.runs import method_defaults
+
     if tuner is None:
         return [(method_defaults(sweep.study, method), "default")]
     return tuner.tune(method, ratio, parent)
@@ -216,6 +249,8 @@ def _hyperparameter_sets(sweep, tuner, method: str, ratio, parent) -> list[tuple
 
 def print_plan(sweep, tuner, reruns=frozenset()) -> None:
     """``--dry-run``: every step of the study, done or to do; runs nothing, writes nothing."""
+    from bench.runs import BaselineSpec, RunSpec, method_defaults
+
     study = sweep.study
     rows = []
     for seed in study.seeds:
@@ -366,22 +401,28 @@ def next_commands(study: str, tracking_uri: str, storage: str | None) -> tuple[s
 
 
 def run_study(sweep, tuner, reruns=frozenset()) -> tuple[list[RunResult], list[str]]:
-    """Baselines, then every (method, ratio); a failed pair is reported and the sweep goes on.
-    ``reruns``: the pairs ``--rerun`` names (:func:`parse_reruns`), run again.
+    """Baselines, then every (method, ratio); a failed pair is reported and the sweep goes on,
+    except when memory runs out: that stops the sweep (:class:`bench.cli.OutOfMemory`, saying
+    what to lower), since every further run would need as much. ``reruns``: the pairs
+    ``--rerun`` names (:func:`parse_reruns`), run again.
 
     Returns the final runs' results and one line per failed (method, ratio).
     """
+    from methods.base import Target
+
     study = sweep.study
     for seed in study.seeds:
-        sweep.baseline(seed)
+        with _stop_when_out_of_memory(study, f"baseline seed {seed}"):
+            sweep.baseline(seed)
     results, failures = [], []
     for method in study.methods:
         for ratio in study.ratios:
             label = Target.parse(ratio).label
             try:
                 force = _selected(reruns, method, ratio)
-                results += run_method_ratio(sweep, tuner, method, ratio, force=force)
-            except (KeyboardInterrupt, SystemExit):
+                with _stop_when_out_of_memory(study, f"{method} @ {label}"):
+                    results += run_method_ratio(sweep, tuner, method, ratio, force=force)
+            except (KeyboardInterrupt, SystemExit, OutOfMemory):
                 raise
             except Exception as err:  # recorded as FAILED in MLflow; the sweep goes on
                 failures.append(f"{method} @ {label}: {type(err).__name__}: {err}")
@@ -390,6 +431,36 @@ def run_study(sweep, tuner, reruns=frozenset()) -> tuple[list[RunResult], list[s
                     file=sys.stderr,
                 )
     return results, failures
+
+
+@contextlib.contextmanager
+def _stop_when_out_of_memory(study: Study, what: str):
+    """Turn running out of memory into an :class:`OutOfMemory` that says what to lower."""
+    try:
+        yield
+    except Exception as err:
+        if not is_out_of_memory(err) or isinstance(err, OutOfMemory):
+            raise
+        raise OutOfMemory(
+            f"out of memory in {what} ({type(err).__name__}): lower {_what_to_lower(study, err)}; "
+            "the runs so far are kept (the failed ones FAILED), rerun to resume"
+        ) from err
+
+
+def _what_to_lower(study: Study, err: BaseException) -> str:
+    """The setting to lower, from where memory ran out (the harness's functions on the stack)."""
+    here = Path(__file__).resolve().parent
+    called = {
+        f.name for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).parent == here
+    }
+    width = f"width (now {study.width or 1.0:g}) or a smaller model"
+    if called & {"compare_latency", "measure", "dense_footprint"}:
+        return f"latency.batch_size (now {study.latency.batch_size}), or {width}"
+    if "_train_baseline" in called and "train" in called:
+        return f"baseline.batch_size (now {study.baseline.batch_size}), or {width}"
+    if called & {"train", "recalibrate_bn"}:
+        return f"finetune.batch_size (now {study.finetune.batch_size}), or {width}"
+    return width
 
 
 def run_method_ratio(sweep, tuner, method: str, ratio, *, force=False) -> list[RunResult]:
@@ -401,6 +472,7 @@ def run_method_ratio(sweep, tuner, method: str, ratio, *, force=False) -> list[R
     its target fails (``bench.compressed.TargetMissed``); the others still run, then the pair fails.
     """
     from bench.compressed import TargetMissed  # torch: see the note on imports at the top
+    from bench.runs import RunResult, RunSpec
 
     study = sweep.study
     spec = RunSpec.parent(study, method, ratio)

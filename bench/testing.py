@@ -84,6 +84,7 @@ def temporary_registry() -> Iterator[None]:
     to what it was, and the modules of the methods registered inside are dropped from
     ``sys.modules``, so importing the plugin again (``--plugin``) registers it again.
     """
+    base.list_methods()  # the package's methods are registered before the snapshot
     before = dict(base._REGISTRY)
     modules = set(sys.modules)
     try:

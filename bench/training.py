@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bench.dataset_info import DataError
 from bench.study import Recipe
 
 __all__ = [
@@ -92,8 +93,10 @@ def evaluate(
             correct[k] += int(hits[:, :k].any(dim=1).sum())
         n += len(y)
     model.train(was_training)
-    out = {f"top{k}": 100.0 * correct[k] / max(n, 1) for k in topk}
-    out["loss"] = loss_sum / max(n, 1)
+    if n == 0:  # an accuracy of 0 % would read as a result
+        raise DataError(f"cannot evaluate on an empty split ({split!r})")
+    out = {f"top{k}": 100.0 * correct[k] / n for k in topk}
+    out["loss"] = loss_sum / n
     return out
 
 
@@ -174,6 +177,12 @@ def train(
     """
     epochs = recipe.epochs if epochs is None else epochs
     per_epoch = train_split.num_batches(recipe.batch_size, drop_last=True)
+    if per_epoch == 0 and epochs > 0:  # bench.study.check_data says so earlier where it can
+        raise DataError(
+            f"{desc}: the training split has {len(train_split)} images, fewer than one batch of "
+            f"{recipe.batch_size} (the last partial batch is dropped): nothing would be trained; "
+            "lower the batch size"
+        )
     total = round(epochs * per_epoch)
     if total <= 0:
         return []

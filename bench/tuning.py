@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from bench.cli import is_out_of_memory
 from bench.runner import Sweep
 from bench.runs import BaselineSpec, RunSpec, after_compression, code_key, method_defaults
 from bench.samplers import PRUNERS, SAMPLERS, pareto_sampler
@@ -222,6 +223,8 @@ class Tuner:
             trial.set_user_attr("error", " ".join(str(err).split())[:300])
             study.tell(trial, state=TrialState.FAIL)
             self._tag_state(key, "FAIL")
+            if is_out_of_memory(err):  # so would every further trial: the sweep stops
+                raise
             sweep.say(f"trial {trial.number} of {method} failed: {str(err)[:160]}")
             return
         m = res.metrics

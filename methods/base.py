@@ -33,7 +33,9 @@ Invariants an implementation keeps:
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +43,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+
+from methods._targets import LayerCountError, MethodConfigError, Target, parse_layer_rates
 
 __all__ = [
     "CalibData",
@@ -59,21 +63,6 @@ __all__ = [
     "register_method",
     "stored_params",
 ]
-
-
-class MethodConfigError(ValueError):
-    """A hyperparameter, target or rate specification that cannot work; the message is one line."""
-
-
-class LayerCountError(MethodConfigError):
-    """Per-layer rates whose count does not match the model's; ``expected`` is the right count."""
-
-    def __init__(self, message: str, expected: int) -> None:
-        super().__init__(message)
-        self.expected = expected
-
-    def __reduce__(self):  # picklable although __init__ takes two arguments
-        return type(self), (str(self), self.expected)
 
 
 class CompressionWarning(UserWarning):
@@ -125,96 +114,6 @@ def stored_params(model: nn.Module) -> int:
             else:
                 total += p.numel()
     return total
-
-
-# ---------------------------------------------------------------------------------------- target
-_RATES_TERM = re.compile(
-    r"^\[\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*\](?:\s*\*\s*(\d+))?$"
-)
-
-
-def parse_layer_rates(spec: str) -> tuple[float, ...]:
-    """Parse HRank's per-layer pruning-rate syntax without ``eval``.
-
-    ``"[0.5]*7+[0.95]*5"`` -> seven 0.5 then five 0.95. Each term is ``[rate]`` or ``[rate]*count``;
-    also accepted: a plain comma list ``"0.5,0.5,0.9"``. Every rate must lie in [0, 1).
-    """
-    text = spec.strip()
-    if not text:
-        raise MethodConfigError("layer rates are empty: write e.g. '[0.5]*7+[0.95]*5'")
-    rates: list[float] = []
-    if text.startswith("["):
-        for term in text.split("+"):
-            match = _RATES_TERM.match(term.strip())
-            if match is None:
-                raise MethodConfigError(
-                    f"cannot read layer-rates term {term.strip()!r} in {spec!r}: "
-                    "write terms like '[0.5]*7' joined by '+'"
-                )
-            rates += [float(match.group(1))] * int(match.group(2) or 1)
-    else:
-        try:
-            rates = [float(x) for x in text.split(",")]
-        except ValueError:
-            raise MethodConfigError(
-                f"cannot read layer rates {spec!r}: write '[0.5]*7+[0.95]*5' or '0.5,0.5,0.9'"
-            ) from None
-    bad = [r for r in rates if not 0.0 <= r < 1.0]
-    if bad:
-        raise MethodConfigError(f"layer rate {bad[0]} in {spec!r} is outside [0, 1)")
-    return tuple(rates)
-
-
-@dataclass(frozen=True)
-class Target:
-    """How much to compress: a params ratio, or explicit per-layer pruning rates.
-
-    Attributes:
-        ratio: dense params / compressed stored params (2.0 = half); None with ``layer_rates``.
-        layer_rates: fraction of filters (or rank) removed per prunable layer, in the method's layer
-            order; HRank syntax when parsed from text.
-        tolerance: allowed relative error of the achieved params ratio (0.02 = 2 %).
-    """
-
-    ratio: float | None = None
-    layer_rates: tuple[float, ...] | None = None
-    tolerance: float = 0.02
-
-    def __post_init__(self) -> None:
-        if (self.ratio is None) == (self.layer_rates is None):
-            raise MethodConfigError("a target needs exactly one of a ratio or layer rates")
-        if self.ratio is not None and not self.ratio > 1.0:
-            raise MethodConfigError(
-                f"ratio {self.ratio} must be a number > 1 (2 = half the params)"
-            )
-
-    @classmethod
-    def parse(cls, text: str | float) -> Target:
-        """A number is a ratio; a bracketed or comma list (or a ``rates:`` label) is layer rates."""
-        if isinstance(text, int | float):
-            return cls(ratio=float(text))
-        if text.startswith("rates:"):
-            return cls(layer_rates=parse_layer_rates(text.removeprefix("rates:")))
-        try:
-            return cls(ratio=float(text))
-        except ValueError:
-            return cls(layer_rates=parse_layer_rates(text))
-
-    def check_layer_count(self, n_layers: int, what: str = "prunable layers") -> None:
-        """Raise a one-line error when per-layer rates do not match the model's layer count."""
-        if self.layer_rates is not None and len(self.layer_rates) != n_layers:
-            raise LayerCountError(
-                f"{len(self.layer_rates)} layer rates given but the model has {n_layers} {what}: "
-                f"give exactly {n_layers}",
-                expected=n_layers,
-            )
-
-    @property
-    def label(self) -> str:
-        """Short text used in tags and tables ("4" or "[0.5]*7+[0.95]*5"-style list)."""
-        if self.ratio is not None:
-            return f"{self.ratio:g}"
-        return "rates:" + ",".join(f"{r:g}" for r in self.layer_rates or ())
 
 
 # ------------------------------------------------------------------------------ data and training
@@ -371,12 +270,34 @@ class CompressionMethod:
 # -------------------------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[CompressionMethod]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_package_imported = False
+
+
+def _import_package_methods() -> None:
+    """Import every public module of ``methods`` once (each registers its method), on the
+    registry's first use: ``methods/__init__.py`` imports nothing, so ``methods._targets`` loads
+    without torch."""
+    global _package_imported
+    if _package_imported:
+        return
+    _package_imported = True  # first: a method file registering itself does not come back here
+    import methods
+
+    try:
+        for info in pkgutil.iter_modules(methods.__path__):
+            if not info.name.startswith("_") and info.name != "base":
+                importlib.import_module(f"methods.{info.name}")
+    except BaseException:
+        _package_imported = False
+        raise
 
 
 def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
     """Class decorator: add a method to the registry. A duplicate or malformed name raises."""
     if not (isinstance(cls, type) and issubclass(cls, CompressionMethod)):
         raise TypeError(f"{cls!r} is not a CompressionMethod subclass")
+    if not cls.__module__.startswith("methods."):
+        _import_package_methods()  # the package's own names first: a plugin cannot take one
     if not _NAME.match(cls.name or ""):
         raise ValueError(f"{cls.__name__}.name {cls.name!r} must be snake_case, e.g. 'my_method'")
     if cls.family not in ("frequency", "spatial"):
@@ -399,11 +320,13 @@ def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
 
 def list_methods(family: str | None = None) -> list[str]:
     """Registered method names, sorted; optionally only one family."""
+    _import_package_methods()
     return sorted(n for n, c in _REGISTRY.items() if family is None or c.family == family)
 
 
 def get_method_class(name: str) -> type[CompressionMethod]:
     """The class registered under ``name``; unknown names raise with a did-you-mean."""
+    _import_package_methods()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -331,7 +331,7 @@ def test_random_crop_flip_is_a_crop_of_the_padded_image_or_its_mirror():
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"val_size": 40}, "val_size"), ({"val_size": -1}, "val_size"),
+    [({"val_size": 40}, "val_size"), ({"val_size": -1}, "val_size"), ({"val_size": 0}, "val_size"),
      ({"train_subset": 31}, "train_subset"), ({"test_subset": 11}, "test_subset"),
      ({"test_subset": 0}, "test_subset")],
 )  # fmt: skip

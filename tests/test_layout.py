@@ -25,7 +25,7 @@ def modules_after(code: str) -> set[str]:
 
 
 def test_methods_know_nothing_of_tracking_or_the_cli():
-    loaded = modules_after("import methods")
+    loaded = modules_after("import methods; methods.list_methods()")
     assert "mlflow" not in loaded
     assert "bench" not in loaded  # methods never import the harness
 
@@ -106,3 +106,15 @@ def test_every_method_a_study_names_is_registered():
     reference = yaml.safe_load((ROOT / "sweeps" / "reference.yaml").read_text())
     named = {row["method"] for row in reference}
     assert named <= registered, f"sweeps/reference.yaml names {sorted(named - registered)}"
+
+
+def test_names_known_without_torch_are_the_registries():
+    """bench.names answers command lines before torch is imported: its method names (read from
+    methods/*.py) and CIFAR models are what the registries hold."""
+    import methods
+    from bench import models, names
+
+    assert list(names._package_methods()) == methods.list_methods()
+    assert models.list_cifar_models() == sorted(names.CIFAR_MODELS)
+    with pytest.raises(models.ModelError, match="CIFAR_MODELS"):
+        models._entrypoint("unlisted_cifar", models.CifarVGG, "not in bench.names")

@@ -113,3 +113,46 @@ def test_every_registered_sampler_and_pruner_builds():
     for name, factory in PRUNERS.items():
         assert isinstance(factory(TuningConfig(pruner=name)), optuna.pruners.BasePruner)
     assert isinstance(pareto_sampler(TuningConfig(mode="pareto")), optuna.samplers.NSGAIISampler)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (("data.val_size=0",), "data.val_size must be >= 1, not 0"),
+        (("data.val_size=60000",), "data.val_size must be in [1, 59999] for 60000 images"),
+        (("data.test_subset=10001",), "data.test_subset must be in [1, 10000]"),
+        (("data.train_subset=10", "baseline.batch_size=11"), "11 is more than the 10 training"),
+        (("data.train_subset=100", "finetune.epochs=0.1"), "1 batches of 64 per epoch, 100 images"),
+        (("dataset=cifar11",), "dataset: unknown dataset 'cifar11'"),
+    ],
+)
+def test_data_that_would_measure_nothing_is_refused_with_the_numbers(overrides, expected):
+    from bench.study import check_data
+
+    with pytest.raises(StudyError) as err:
+        check_data(load_study("smoke", overrides))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("baseline.epochs=0", "finetune.epochs=0", "data.train_subset=10"),  # no training asked
+        ("dataset=imagenet",),  # its size is the folder's: checked when it is loaded
+        ("data.train_subset=64", "baseline.batch_size=64", "finetune.batch_size=64"),
+    ],
+)
+def test_data_that_trains_is_accepted(overrides):
+    from bench.study import check_data
+
+    check_data(load_study("smoke", overrides))
+
+
+def test_split_sizes_are_those_load_splits_gives():
+    import bench.data as bd
+    from bench.dataset_info import dataset_info, split_sizes
+
+    for kwargs in ({}, {"val_size": 16, "train_subset": 40, "test_subset": 8}):
+        splits = bd.load_splits("synthetic", **kwargs)
+        sizes = split_sizes(dataset_info("synthetic"), **kwargs)
+        assert sizes == (len(splits.train), len(splits.val), len(splits.test))

@@ -286,6 +286,12 @@ def test_next_commands_name_the_stores_only_when_not_the_defaults(results, tmp_p
         (["--set", "bn_recalibration_batches=-1"], "bn_recalibration_batches = -1 must be >= 0"),
         (["--set", "ratios=['[0.5]*3']", "--set", "methods=[l1_filter]"], "layer rates"),
         (["--set", "dataset=cifar10"], "--download"),
+        (["--set", "data.val_size=0"], "data.val_size must be >= 1, not 0"),
+        (["--set", "data.train_subset=60000"], "data.train_subset must be in [1, 59744]"),
+        (["--set", "baseline.batch_size=600"], "600 is more than the 512 training images"),
+        (["--set", "finetune.batch_size=513"], "use finetune.batch_size <= 512"),
+        (["--set", "finetune.epochs=0.01"], "finetune.epochs = 0.01 is no training step"),
+        (["--set", "tuning.trials=2", "--set", "tuning.epochs=0.05"], "use at least 0.125 epochs"),
         (["--bogus"], "unrecognized arguments"),
         (["--plugin", "no_such_module_xyz"], "cannot import"),
         (["--rerun", "svd"], "--rerun svd: method 'svd' is not in study smoke"),
@@ -322,3 +328,121 @@ def test_usage_errors_need_no_import_and_cli_loads_no_torch():
         "assert s.StudyError in c.usage_errors()"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+# ------------------------------------------------------------------ usage errors before torch
+HEAVY = ("torch", "timm", "mlflow", "optuna", "torchvision", "torch_pruning")
+
+
+def run_importtime(args, cache_home, results):
+    """``python -X importtime -m bench.sweep ARGS``: exit code, the lines it printed (not the
+    import log) and the top-level modules it imported."""
+    env = {**os.environ, "FREQBENCH_RESULTS": str(results), "XDG_CACHE_HOME": str(cache_home)}
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "bench.sweep", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = proc.stderr.splitlines()
+    imported = {
+        ln.split("|")[-1].strip().split(".")[0] for ln in lines if ln.startswith("import time:")
+    }
+    said = [ln for ln in lines if not ln.startswith("import time:")]
+    return proc.returncode, said + proc.stdout.splitlines(), imported
+
+
+@pytest.fixture
+def timm_cache(tmp_path, monkeypatch):
+    """A cache folder holding timm's names, as bench.models writes it on its first import."""
+    import bench.models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bench.models.cache_timm_names()
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--study", "nope"], "no study 'nope'"),
+        (["--study", "smoke", "--set", "finetune.epoch=1"], "did you mean 'epochs'"),
+        (["--study", "smoke", "--set", "methods=[l1_filtr]"], "did you mean 'l1_filter'"),
+        (["--study", "smoke", "--set", "model=resnet18x"], "did you mean 'resnet18'"),
+        (["--study", "smoke", "--set", "ratios=['[0.5]*x']"], "cannot read layer-rates term"),
+        (["--study", "smoke", "--set", "data.val_size=0"], "val_size must be >= 1"),
+    ],
+)
+def test_usage_errors_come_before_torch_timm_and_mlflow(timm_cache, results, args, message):
+    code, said, imported = run_importtime(args, timm_cache, results)
+    assert code == 2
+    assert len(said) == 1 and message in said[0], said
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert not results.exists()
+
+
+def test_unknown_model_without_a_cache_asks_timm_and_writes_the_cache(tmp_path, results):
+    cache = tmp_path / "empty-cache"
+    code, said, imported = run_importtime(
+        ["--study", "smoke", "--set", "model=resnet18x"], cache, results
+    )
+    assert code == 2 and len(said) == 1 and "did you mean 'resnet18'" in said[0], said
+    assert "timm" in imported  # no cache: timm itself decides
+    (written,) = (cache / "freqbench").glob("timm-*-models.txt")
+    names = set(written.read_text().split())
+    assert "resnet18" in names and "vgg16_bn_cifar" not in names  # timm's own names only
+
+
+# ---------------------------------------------------------------------------- out of memory
+def _allocate_too_much(*args, **kwargs):
+    import torch
+
+    return torch.empty(2**62, dtype=torch.uint8)  # the CPU allocator's own RuntimeError
+
+
+def test_what_counts_as_out_of_memory():
+    import torch
+
+    from bench.cli import is_out_of_memory
+
+    with pytest.raises(RuntimeError) as cpu:
+        _allocate_too_much()
+    assert is_out_of_memory(cpu.value)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("Given groups=3, weight of size [24, 0, 3, 3]"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+@needs_fmnist
+@pytest.mark.parametrize("trials", [0, 2])
+def test_out_of_memory_stops_the_sweep_with_what_to_lower(results, capsys, monkeypatch, trials):
+    """Memory running out in the latency timing of the first (method, ratio), a final or a
+    trial: one line naming latency.batch_size, exit 1, the runs FAILED with the reason, and no
+    further run (magnitude never starts; no second trial)."""
+    import optuna
+
+    import bench.footprint
+
+    monkeypatch.setattr(bench.footprint, "compare_latency", _allocate_too_much)
+    assert sweep(*FAST, "--trials", str(trials)) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if " INFO mlflow" not in ln]
+    assert len(err) == 1, err
+    assert "out of memory in l1_filter @ 2" in err[0]
+    assert "lower latency.batch_size (now 8)" in err[0]
+    _, all_runs = runs()
+    compressed = [r for r in all_runs if r.data.tags["stage"] != "baseline"]
+    assert {r.data.tags["method"] for r in compressed} == {"l1_filter"}
+    stages = sorted(r.data.tags["stage"] for r in compressed)
+    assert stages == sorted(["parent", "tune" if trials else "final"])
+    for run in compressed:
+        assert run.info.status == "FAILED"
+        assert "can't allocate memory" in run.data.tags["error"]
+    if trials:
+        (summary,) = optuna.get_all_study_summaries(default_storage())
+        loaded = optuna.load_study(study_name=summary.study_name, storage=default_storage())
+        (only,) = loaded.get_trials()
+        assert only.state == optuna.trial.TrialState.FAIL
+        assert "can't allocate memory" in only.user_attrs["error"]

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import bench.data as bd
-from bench.training import recalibrate_bn
+from bench.study import Recipe
+from bench.training import evaluate, recalibrate_bn, train
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,15 @@ def test_nothing_to_do_leaves_the_model_as_it_was(synthetic):
     assert torch.all(net[1].running_mean == 7.0) and net[1].momentum == 0.1
     plain = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())
     assert recalibrate_bn(plain, synthetic.train, batches=2) == 0
+
+
+def test_a_split_smaller_than_one_batch_is_refused_not_skipped():
+    """Training drops the last partial batch: a split smaller than one batch would train
+    nothing, and an empty split would evaluate to 0 %; both raise, saying why."""
+    tiny = bd.load_splits("synthetic", train_subset=10, test_subset=1, val_size=1).train
+    with pytest.raises(bd.DataError, match="10 images, fewer than one batch of 16"):
+        train(small_net(), tiny, Recipe(epochs=1, batch_size=16))
+    assert train(small_net(), tiny, Recipe(epochs=0, batch_size=16)) == []  # none asked
+    empty = bd.TensorSplit(tiny.images[:0], tiny.labels[:0], tiny.info)
+    with pytest.raises(bd.DataError, match="empty split"):
+        evaluate(small_net(), empty)
