@@ -36,6 +36,7 @@ _USAGE_ERROR_CLASSES = (
     ("bench.dataset_info", "DataError"),
     ("bench.models", "ModelError"),
     ("bench.tracking", "TrackingError"),
+    ("bench.stores", "StoreError"),
 )
 
 

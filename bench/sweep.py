@@ -251,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from bench.runner import Sweep, resolve_device  # MLflow: see the note on imports at the top
+    from bench.stores import open_stores
     from bench.tracking import Tracker
+
+    # both stores created, migrated and checked once, before any run (never lazily mid-sweep)
+    tuned = study.tuning.trials > 0
+    optuna_storage = open_stores(tracking_uri, storage if tuned else None, create=not args.dry_run)
 
     tracker = Tracker(tracking_uri, study.name, create=not args.dry_run)
     sweep = Sweep(
@@ -262,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         device=resolve_device(args.device),
     )
     tuner = None
-    if study.tuning.trials > 0:
+    if tuned:
         from bench.tuning import Tuner  # MLflow: see the note on imports at the top
 
-        tuner = Tuner(sweep, storage)
+        tuner = Tuner(sweep, storage, optuna_storage)
     if args.dry_run:
         print_plan(sweep, tuner)
         return 0

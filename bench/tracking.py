@@ -32,6 +32,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from bench.paths import results_dir
+from bench.stores import prepare_tracking_store
 
 __all__ = ["RunHandle", "Tracker", "TrackingError", "git_sha", "worker_id", "worker_is_dead"]
 
@@ -163,7 +164,7 @@ class Tracker:
         (``mlflow.experimentKind``) so that the MLflow UI opens it on its runs.
 
         With ``create=False`` nothing is written: a missing store or experiment reads as empty
-        (``--dry-run`` uses this).
+        (``--dry-run`` uses this). A damaged SQLite store raises :class:`bench.stores.StoreError`.
         """
         self.uri = uri
         self.experiment_name = experiment
@@ -175,9 +176,9 @@ class Tracker:
         ):
             self.client = None
             return
+        # a SQLite store is built whole or checked first (bench.stores: never half-created)
+        prepare_tracking_store(uri, create=create)
         try:
-            if create and uri.startswith("sqlite:///"):
-                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is not None:

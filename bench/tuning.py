@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from bench.runner import Sweep
 from bench.runs import BaselineSpec, RunSpec, after_compression, method_defaults
 from bench.samplers import PRUNERS, SAMPLERS, pareto_sampler
+from bench.stores import StoreError, open_optuna_storage
 from bench.study import config_hash
 from bench.tracking import worker_id, worker_is_dead
 from bench.training import NonFiniteLoss
@@ -53,24 +54,22 @@ class Tuner:
     """Runs the tuning stage of a :class:`bench.runner.Sweep` (one Optuna study per (method,
     ratio) in the storage at ``storage_url``)."""
 
-    def __init__(self, sweep: Sweep, storage_url: str) -> None:
+    def __init__(
+        self, sweep: Sweep, storage_url: str, storage: optuna.storages.RDBStorage | None = None
+    ) -> None:
+        """``storage``: the store at ``storage_url`` as :func:`bench.stores.open_stores` opened
+        and checked it before the sweep started (None: opened, and checked, on first use; with
+        nothing at ``storage_url`` yet, a dry run reads it as empty)."""
         self.sweep = sweep
         self.cfg = sweep.study.tuning
         self.storage_url = storage_url
-        self._storage = None
+        self._storage = storage
 
     @property
     def storage(self) -> optuna.storages.RDBStorage:
-        """The Optuna storage, opened on first use; the Tuner's studies live in it."""
+        """The Optuna storage (created and checked by ``bench.stores`` if not given)."""
         if self._storage is None:
-            if self.storage_url.startswith("sqlite:///"):
-                path = self.storage_url.removeprefix("sqlite:///")
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            kwargs = {}
-            if not self.storage_url.startswith("sqlite"):
-                # several machines: a dead worker's trials go stale after the grace period
-                kwargs = {"heartbeat_interval": 60, "grace_period": 180}
-            self._storage = optuna.storages.RDBStorage(self.storage_url, **kwargs)
+            self._storage = open_optuna_storage(self.storage_url, say=self.sweep.say)
         return self._storage
 
     def base_name(self, method: str, ratio) -> str:
@@ -99,16 +98,25 @@ class Tuner:
         return base if known in (fp, None) else f"{base}#{fp[:8]}"
 
     def _fingerprints(self) -> dict[str, str | None]:
-        """Existing studies' fingerprints by name, read-only (None: made before fingerprints)."""
-        if self.storage_url.startswith("sqlite:///") and not os.path.exists(
-            self.storage_url.removeprefix("sqlite:///")
-        ):
-            return {}
+        """Existing studies' fingerprints by name, read-only (None: made before fingerprints).
+
+        A store that cannot be read is an error, never "no studies": that would skip the
+        fingerprint check and mix the trials of two objectives in one study.
+        """
+        storage = self._storage
+        if storage is None:
+            path = self.storage_url.removeprefix("sqlite:///")
+            if self.storage_url.startswith("sqlite:///") and not os.path.exists(path):
+                return {}  # nothing stored yet (a dry run before the first sweep)
+            storage = self.storage
         try:
-            summaries = optuna.get_all_study_summaries(self.storage_url, include_best_trial=False)
-        except Exception:  # no Optuna schema yet
-            return {}
-        return {s.study_name: s.user_attrs.get("fingerprint") for s in summaries}
+            studies = storage.get_all_studies()
+        except Exception as err:  # SQLAlchemy and Optuna raise many types
+            raise StoreError(
+                f"Optuna storage {self.storage_url}: cannot read its studies to check their "
+                f"fingerprints ({' '.join(str(err).split())[:200]})"
+            ) from None
+        return {s.study_name: s.user_attrs.get("fingerprint") for s in studies}
 
     def _space(self, method: str) -> dict[str, Any]:
         """The method's search space minus the hyperparameters the study fixes."""
@@ -153,7 +161,7 @@ class Tuner:
         name = self.study_name(method, ratio)
         if name not in self._fingerprints():
             return f"0/{self.cfg.trials} trials complete"
-        loaded = optuna.load_study(study_name=name, storage=self.storage_url)
+        loaded = optuna.load_study(study_name=name, storage=self.storage)
         done = len(loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         return f"{min(done, self.cfg.trials)}/{self.cfg.trials} trials complete"
 
