@@ -223,12 +223,17 @@ class Sweep:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace``: never half a file."""
+    """``torch.save`` to a temp file in the same folder, synced, then ``os.replace``: never half
+    a file. Written through a Python file so that a full disk raises ``OSError(ENOSPC)`` (torch's
+    own writer says only "unexpected pos")."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -28,7 +28,7 @@ import torch
 from tabulate import tabulate
 
 from bench import models
-from bench.cli import ArgumentParser, UsageError, import_plugins, main_guard
+from bench.cli import ArgumentParser, UsageError, disk_full, import_plugins, main_guard
 from bench.data import check_available
 from bench.dataset_info import dataset_info
 from bench.paths import default_storage, default_tracking_uri
@@ -333,6 +333,8 @@ def run_study(sweep, tuner) -> tuple[list[RunResult], list[str]]:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:  # recorded as FAILED in MLflow; the sweep goes on
+                if disk_full(err):  # ... unless every pair after it would fail the same way
+                    raise
                 failures.append(f"{method} @ {label}: {type(err).__name__}: {err}")
                 print(
                     f"FAILED {method} @ {label}: {' '.join(str(err).split())[:200]}",

@@ -152,7 +152,8 @@ class RunHandle:
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            torch.save(dict(state), path)
+            with open(path, "wb") as f:  # a Python file: a full disk raises OSError(ENOSPC)
+                torch.save(dict(state), f)
             self.client.log_artifact(self.run_id, str(path))
 
 

@@ -9,7 +9,8 @@ objective is validation accuracy subject to the achieved params ratio meeting th
 instead. The test split is never used here.
 
 The first trial of a new study runs the method's defaults (``tuning.defaults_first``), so the
-tuned configuration is never below the defaults on validation. A study remembers a fingerprint of
+tuned configuration is never below the defaults on validation; a defaults trial whose process
+died is queued again. A study remembers a fingerprint of
 what its trials' values depend on besides their parameters (fixed hyperparameters, fine-tuning
 recipe, baseline, trial epochs); a sweep with other settings gets a study of its own
 (``name#<fingerprint>``) instead of mixing two objectives in one.
@@ -28,6 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from bench.cli import disk_full
 from bench.runner import Sweep
 from bench.runs import BaselineSpec, RunSpec, after_compression, method_defaults
 from bench.samplers import PRUNERS, SAMPLERS, pareto_sampler
@@ -128,14 +130,22 @@ class Tuner:
         study = self._create(method, ratio)
         if "fingerprint" not in study.user_attrs:
             study.set_user_attr("fingerprint", self.fingerprint(method))
-        if self.cfg.defaults_first and not study.get_trials(deepcopy=False):
-            defaults = method_defaults(self.sweep.study, method)
-            study.enqueue_trial(
-                {k: defaults[k] for k in self._space(method)},
-                user_attrs={"source": "defaults"},
-                skip_if_exists=True,
-            )
         return study
+
+    def _enqueue_defaults(self, study: optuna.Study, method: str) -> None:
+        """Queue the defaults trial (``tuning.defaults_first``) in a new study, and again where
+        the defaults trial's process died (:meth:`_fail_stale`, called first, marks it): a
+        resumed study tunes the same trials as an uninterrupted one."""
+        trials = study.get_trials(deepcopy=False)
+        defaults_trials = [t for t in trials if t.user_attrs.get("source") == "defaults"]
+        died = any(t.user_attrs.get("stale") for t in defaults_trials)
+        alive = any(t.state != TrialState.FAIL for t in defaults_trials)
+        if not self.cfg.defaults_first or (trials and (alive or not died)):
+            return
+        defaults = method_defaults(self.sweep.study, method)
+        study.enqueue_trial(
+            {k: defaults[k] for k in self._space(method)}, user_attrs={"source": "defaults"}
+        )
 
     def _create(self, method: str, ratio) -> optuna.Study:
         """Create (or load) the Optuna study of (method, ratio), its sampler and pruner by name."""
@@ -172,6 +182,7 @@ class Tuner:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if worker_is_dead(trial.user_attrs.get("worker", "")):
                 trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                storage.set_trial_user_attr(trial_id, "stale", True)
                 storage.set_trial_state_values(trial_id, TrialState.FAIL)
                 n += 1
         return n
@@ -184,6 +195,7 @@ class Tuner:
         stale = self._fail_stale(study)
         if stale:
             sweep.say(f"tune {method} @ {ratio}: {stale} stale trials marked FAIL")
+        self._enqueue_defaults(study, method)
         space = self._space(method)
         defaults = method_defaults(sweep.study, method)
         target = Target.parse(ratio)
@@ -226,6 +238,8 @@ class Tuner:
             self._tag_state(key, "PRUNED")
             return
         except (NonFiniteLoss, MethodConfigError, RuntimeError, ValueError) as err:
+            if disk_full(err):  # not the trial's fault: stop the sweep (bench.cli)
+                raise
             trial.set_user_attr("error", " ".join(str(err).split())[:300])
             study.tell(trial, state=TrialState.FAIL)
             self._tag_state(key, "FAIL")
