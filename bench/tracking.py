@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import os
 import socket
 import subprocess
@@ -33,6 +34,10 @@ from mlflow.tracking import MlflowClient
 
 from bench.paths import results_dir
 from bench.stores import prepare_tracking_store
+
+# MLflow logs each database error it re-raises, traceback and all (a full disk: ~60 lines); the
+# harness reports the error it gets in one line itself
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 __all__ = ["RunHandle", "Tracker", "TrackingError", "git_sha", "worker_id", "worker_is_dead"]
 

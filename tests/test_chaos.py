@@ -23,6 +23,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -109,6 +110,14 @@ def outcome(root: Path) -> dict:
         for s in studies
     }
     storage.engine.dispose()
+    # a FINISHED final's artifacts are whole (logged before the run is marked FINISHED) ...
+    for r in runs:
+        if r.data.tags["stage"] == "final" and r.info.status == "FINISHED":
+            state = client.download_artifacts(r.info.run_id, "model_state.pt", str(root))
+            assert torch.load(state, weights_only=True)
+    # ... and no checkpoint or store was left half-written beside its place
+    leftovers = [p.name for p in results.rglob("*") if p.suffix in (".tmp", ".creating")]
+    assert leftovers == [], leftovers
     return {
         "final_keys": {
             r.data.tags["run_key"]
@@ -156,3 +165,85 @@ def test_kills_at_every_instant_leave_what_an_uninterrupted_sweep_leaves(tmp_pat
             assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0, (name, study)
     summary = {n: outcome(tmp_path / n)["killed"] for n in ("sigkill", "sigterm")}
     print(f"chaos: {len(POINTS)} points x 2 signals, KILLED runs {summary}, duplicates 0")
+
+
+# ------------------------------------------------------------------------------- disk full
+FAST = ["--study", "smoke", "--set", "latency.min_run_time=0.01", "--no-preflight"]
+
+
+def sweep(*args) -> int:
+    from bench.cli import main_guard
+    from bench.sweep import main
+
+    return main_guard(main, "bench.sweep")([*FAST, *args])
+
+
+def test_full_disk_at_the_checkpoint_one_line_exit_1_then_a_rerun_finishes(
+    results, monkeypatch, capsys
+):
+    import builtins
+
+    import bench.runner
+
+    def full_disk_open(file, mode="r", *args, **kwargs):  # the kernel's own ENOSPC
+        return builtins.open("/dev/full" if "w" in mode else file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(bench.runner, "open", full_disk_open, raising=False)
+    assert sweep("--set", "methods=[l1_filter]") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "no space left on device (OSError: [Errno 28] No space left on device)" in err
+    assert "then rerun; finished runs are kept" in err
+    assert list((results / "checkpoints").iterdir()) == []  # no half checkpoint, no temp file
+    client = MlflowClient(sqlite_uri(results / "mlflow.db"))
+    (baseline,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert baseline.info.status == "FAILED"
+    monkeypatch.delattr(bench.runner, "open")  # space again
+    assert sweep("--set", "methods=[l1_filter]") == 0
+    finals = client.search_runs(
+        [client.get_experiment_by_name("smoke").experiment_id], "tags.stage = 'final'"
+    )
+    assert [r.info.status for r in finals] == ["FINISHED"]
+    assert len(list((results / "checkpoints").glob("*.pt"))) == 1
+
+
+def test_full_tracking_database_stops_the_sweep_at_once(results, monkeypatch, capsys):
+    import sqlalchemy
+    from sqlalchemy import event
+
+    import bench.runner
+
+    full = [False]
+
+    def pages(conn, cursor, statement, *args):
+        # SQLite's own "database or disk is full": no page beyond those in use (per connection)
+        cursor.execute(f"PRAGMA max_page_count = {1 if full[0] else 1073741823}")
+
+    run_body = bench.runner.run_body
+
+    def first_final_fills_the_disk(sweep_, spec, *args, **kwargs):
+        full[0] = True
+        return run_body(sweep_, spec, *args, **kwargs)
+
+    event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", pages)
+    try:
+        monkeypatch.setattr(bench.runner, "run_body", first_final_fills_the_disk)
+        assert sweep() == 1  # l1_filter, then magnitude: the first fills the disk
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert "no space left on device (OperationalError: database or disk is full)" in err
+        full[0] = False
+        monkeypatch.setattr(bench.runner, "run_body", run_body)
+        client = MlflowClient(sqlite_uri(results / "mlflow.db"))
+        exp = client.get_experiment_by_name("smoke").experiment_id
+        # the sweep stopped at the first write that failed (no pair after it went on to fail
+        # the same way: the one line above is all of stderr); its open runs are left RUNNING
+        assert client.search_runs([exp], "attributes.status = 'RUNNING'")
+        assert sweep() == 0
+    finally:
+        event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", pages)
+    # ... (a new process marks them KILLED: see the chaos test) and the rerun finishes what
+    # was missing, once
+    finals = client.search_runs([exp], "tags.stage = 'final'")
+    finished = sorted(r.data.tags["method"] for r in finals if r.info.status == "FINISHED")
+    assert finished == ["l1_filter", "magnitude"]

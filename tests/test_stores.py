@@ -187,3 +187,21 @@ def test_damaged_mlflow_store_with_runs_is_refused_by_the_sweep(results, capsys)
     assert len(err.splitlines()) == 1
     assert "is damaged (table latest_metrics lacks its index on (run_uuid)" in err
     assert "holds 1 runs" in err and "mlflow db upgrade" in err
+
+
+def test_a_storage_error_stops_the_fingerprint_check(tmp_path):
+    from bench.runner import Sweep
+    from bench.study import load_study
+    from bench.tuning import Tuner
+
+    url = sqlite_uri(tmp_path / "optuna.db")
+    storage = open_optuna_storage(url)
+    study = load_study("smoke", ("tuning.trials=2",))
+    tuner = Tuner(Sweep(study, tracker=None), url, storage)
+    assert tuner.study_name("l1_filter", 2) == "smoke/vgg16_bn_cifar/fashion-mnist/l1_filter/2"
+    con = sqlite3.connect(tmp_path / "optuna.db")
+    con.execute("DROP TABLE study_user_attributes")  # where the fingerprints live
+    con.close()
+    # before: "no studies", so the base name, whatever the fingerprint; now: an error
+    with pytest.raises(StoreError, match="cannot read its studies to check their fingerprints"):
+        tuner.study_name("l1_filter", 2)
