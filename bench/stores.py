@@ -43,6 +43,7 @@ __all__ = [
     "open_optuna_storage",
     "open_stores",
     "prepare_tracking_store",
+    "remove_leftovers",
     "schema_problems",
 ]
 
@@ -163,9 +164,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_leftovers(path: Path) -> None:
-    """Temp stores of processes killed while building ``path`` (``.NAME.PID.creating*``)."""
-    for tmp in path.parent.glob(f".{path.name}.*.creating*"):
+def remove_leftovers(path: Path, kind: str) -> None:
+    """Remove the temp files ``.NAME.PID.KIND*`` that processes killed while writing ``path``
+    left beside it (those of live processes are still being written)."""
+    for tmp in path.parent.glob(f".{path.name}.*.{kind}*"):
         pid = tmp.name.removeprefix(f".{path.name}.").split(".")[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
@@ -175,7 +177,7 @@ def _create_sqlite(path: Path, build: Callable[[str], None]) -> bool:
     """Build a store at a temp path beside ``path``, then link it into place; False when
     another process created ``path`` meanwhile (its store is kept, ours dropped)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(path)
+    remove_leftovers(path, "creating")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
     try:
         build(sqlite_uri(tmp))

@@ -31,13 +31,10 @@ from bench.paths import sqlite_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).parent / "plugins"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not Path("/usr/share/datasets/fashion-mnist").exists(),
-        reason="Debian's dataset-fashion-mnist is not installed",
-    ),
-]
+pytestmark = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 TRIALS = 2
 ARGV = [
     "--study",
@@ -51,7 +48,9 @@ ARGV = [
     "--set",
     "tuning.epochs=0.25",
     "--set",
-    "finetune.epochs=0.5",
+    "finetune.epochs=0.25",
+    "--set",
+    "data.train_subset=256",
     "--set",
     "latency.min_run_time=0.01",
     "--no-preflight",
@@ -132,6 +131,7 @@ def outcome(root: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # ~60-110 s on 2 cores: 21 sweeps in three chains side by side
 def test_kills_at_every_instant_leave_what_an_uninterrupted_sweep_leaves(tmp_path):
     chains = {
         name: start_chain(tmp_path / name, sig)
@@ -168,7 +168,17 @@ def test_kills_at_every_instant_leave_what_an_uninterrupted_sweep_leaves(tmp_pat
 
 
 # ------------------------------------------------------------------------------- disk full
-FAST = ["--study", "smoke", "--set", "latency.min_run_time=0.01", "--no-preflight"]
+FAST = [
+    "--study",
+    "smoke",
+    "--set",
+    "latency.min_run_time=0.01",
+    "--set",
+    "finetune.epochs=0.25",
+    "--set",
+    "data.train_subset=256",
+    "--no-preflight",
+]
 
 
 def sweep(*args) -> int:

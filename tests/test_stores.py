@@ -205,3 +205,16 @@ def test_a_storage_error_stops_the_fingerprint_check(tmp_path):
     # before: "no studies", so the base name, whatever the fingerprint; now: an error
     with pytest.raises(StoreError, match="cannot read its studies to check their fingerprints"):
         tuner.study_name("l1_filter", 2)
+
+
+def test_a_store_of_a_newer_optuna_is_refused_in_one_line(tmp_path):
+    url = sqlite_uri(tmp_path / "optuna.db")
+    open_optuna_storage(url)
+    _checked.clear()
+    con = sqlite3.connect(tmp_path / "optuna.db")
+    con.execute("UPDATE alembic_version SET version_num = 'v9.9.9.a'")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match=r"made by a newer Optuna \(schema v9.9.9.a\)") as err:
+        open_optuna_storage(url)
+    assert len(str(err.value).splitlines()) == 1
