@@ -129,28 +129,38 @@ def _cache_dir() -> Path:
     return Path(base) / "freqbench" / "schemas"
 
 
-def _reference(kind: str, version: str, build: Callable[[str], None]) -> Schema:
-    """The schema the library creates (``build(uri)`` makes a fresh store at ``uri``), reflected
-    once per library version and cached on disk; MLflow's takes ~5 s to build."""
-    path = _cache_dir() / f"{kind}-{version}.json"
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text())
-    import tempfile
+def _cache_path(kind: str, version: str) -> Path:
+    return _cache_dir() / f"{kind}-{version}.json"
 
-    with tempfile.TemporaryDirectory() as tmp:
-        uri = sqlite_uri(Path(tmp) / "reference.db")
-        build(uri)
-        engine = sqlalchemy.create_engine(uri)
-        try:
-            schema = reflect(engine)
-        finally:
-            engine.dispose()
+
+def _remember(kind: str, version: str, uri: str) -> Schema:
+    """Reflect the store the library just built at ``uri`` and cache it as the reference."""
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        schema = reflect(engine)
+    finally:
+        engine.dispose()
+    path = _cache_path(kind, version)
     with contextlib.suppress(OSError):  # no cache (read-only home): rebuilt next time
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_path = path.with_suffix(f".{os.getpid()}.tmp")
         tmp_path.write_text(json.dumps(schema, sort_keys=True))
         os.replace(tmp_path, path)
     return schema
+
+
+def _reference(kind: str, version: str, build: Callable[[str], None]) -> Schema:
+    """The schema the library creates (``build(uri)`` makes a fresh store at ``uri``), reflected
+    once per library version and cached on disk (every new store we build refreshes it);
+    MLflow's takes ~5 s to build."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(_cache_path(kind, version).read_text())
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = sqlite_uri(Path(tmp) / "reference.db")
+        build(uri)
+        return _remember(kind, version, uri)
 
 
 # ------------------------------------------------------------------ creating SQLite stores
@@ -227,12 +237,15 @@ def _quiet(*loggers: str):
 
 
 def _build_mlflow(uri: str) -> None:
+    import mlflow
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     with _quiet("mlflow.store.db.utils", "alembic"):
         store = SqlAlchemyStore(uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
     store.engine.dispose()
+    if not _cache_path("mlflow", mlflow.__version__).exists():  # spares a reference build later
+        _remember("mlflow", mlflow.__version__, uri)
 
 
 def _mlflow_reference() -> Schema:
