@@ -137,10 +137,9 @@ class Tuner:
         the defaults trial's process died (:meth:`_fail_stale`, called first, marks it): a
         resumed study tunes the same trials as an uninterrupted one."""
         trials = study.get_trials(deepcopy=False)
-        defaults_trials = [t for t in trials if t.user_attrs.get("source") == "defaults"]
-        died = any(t.user_attrs.get("stale") for t in defaults_trials)
-        alive = any(t.state != TrialState.FAIL for t in defaults_trials)
-        if not self.cfg.defaults_first or (trials and (alive or not died)):
+        last = [t for t in trials if t.user_attrs.get("source") == "defaults"][-1:]
+        died = bool(last) and last[0].state == TrialState.FAIL and last[0].user_attrs.get("stale")
+        if not self.cfg.defaults_first or (trials and not died):
             return
         defaults = method_defaults(self.sweep.study, method)
         study.enqueue_trial(
