@@ -1,7 +1,8 @@
 """What every command-line entry point shares: exit codes, one-line errors, signals, plugins.
 
 Exit codes: 0 done; 1 internal error (one-line summary + the file the traceback was written to)
-or out of memory (one line: what to lower); 2 usage or configuration error (one line: what is
+or out of memory (one line: what to lower) or a full disk (one line; nothing half-written is
+kept, a rerun with space resumes); 2 usage or configuration error (one line: what is
 wrong and what to do), raised before anything is written; 130 interrupted (Ctrl-C), 143
 terminated (SIGTERM). Interrupted runs are marked KILLED by ``bench.tracking``; a rerun resumes.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import importlib
 import signal
 import sys
@@ -26,6 +28,7 @@ from bench.paths import results_dir
 __all__ = [
     "OutOfMemory",
     "UsageError",
+    "disk_full",
     "import_plugins",
     "is_out_of_memory",
     "main_guard",
@@ -69,6 +72,7 @@ _USAGE_ERROR_CLASSES = (
     ("bench.dataset_info", "DataError"),
     ("bench.models", "ModelError"),
     ("bench.tracking", "TrackingError"),
+    ("bench.stores", "StoreError"),
 )
 
 
@@ -102,6 +106,33 @@ def import_plugins(modules: Sequence[str]) -> None:
             raise UsageError(
                 f"--plugin {name}: cannot import it ({err}); is it on PYTHONPATH or in this folder?"
             ) from None
+
+
+def _causes(err: BaseException | None):
+    """``err`` and the errors it was raised from or while handling, innermost last."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _says_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "database or disk is full" in str(e) or "No space left on device" in str(e)
+
+
+def disk_full(err: BaseException) -> bool:
+    """``err`` (or an error it came from) says a disk is full: an OSError ENOSPC or EDQUOT, or
+    SQLite's "database or disk is full" wrapped by SQLAlchemy, Optuna or MLflow."""
+    return any(map(_says_full, _causes(err)))
+
+
+def _short(err: BaseException) -> str:
+    """The innermost error that says the disk is full, on one line."""
+    e = [e for e in _causes(err) if _says_full(e)][-1]
+    return " ".join(f"{type(e).__name__}: {e}".split())[:160]
 
 
 def _log_traceback() -> Path | None:
@@ -148,6 +179,13 @@ def main_guard(
             print(f"{prog}: {err}", file=sys.stderr)
             return 1
         except Exception as err:
+            if disk_full(err):  # writing a traceback would fail too; finished runs are whole
+                print(
+                    f"{prog}: error: no space left on device ({_short(err)}): free some space "
+                    f"in {results_dir()} (or the store's disk), then rerun; finished runs are kept",
+                    file=sys.stderr,
+                )
+                return 1
             line = " ".join(f"{type(err).__name__}: {err}".split())[:300]
             if is_out_of_memory(err):
                 print(f"{prog}: out of memory ({line[:160]}): lower {lower}", file=sys.stderr)

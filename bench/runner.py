@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from bench.dataset_info import DatasetInfo, dataset_info
 from bench.models import create_model
 from bench.paths import results_dir
 from bench.runs import Baseline, BaselineSpec, RunResult, RunSpec
+from bench.stores import remove_leftovers
 from bench.study import Study
 from bench.tracking import RunHandle, Tracker, git_sha
 from bench.training import evaluate, train
@@ -146,6 +146,7 @@ class Sweep:
         """
         spec = BaselineSpec.of(self.study, seed)
         path = self.checkpoint_path(seed)
+        remove_leftovers(path, "tmp")
         cached = path.exists()
         if cached:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -226,12 +227,17 @@ class Sweep:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace``: never half a file."""
+    """``torch.save`` to a temp file in the same folder, synced, then ``os.replace``: never half
+    a file. Written through a Python file so that a full disk raises ``OSError(ENOSPC)`` (torch's
+    own writer says only "unexpected pos")."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    remove_leftovers(path, "tmp")  # a killed process's temp file (it names its pid)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

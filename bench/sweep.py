@@ -34,6 +34,7 @@ from bench.cli import (
     ArgumentParser,
     OutOfMemory,
     UsageError,
+    disk_full,
     import_plugins,
     is_out_of_memory,
     main_guard,
@@ -340,7 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from bench.runner import Sweep, resolve_device  # MLflow: see the note on imports at the top
+    from bench.stores import open_stores
     from bench.tracking import Tracker
+
+    # both stores created, migrated and checked once, before any run (never lazily mid-sweep)
+    tuned = study.tuning.trials > 0
+    optuna_storage = open_stores(tracking_uri, storage if tuned else None, create=not args.dry_run)
 
     tracker = Tracker(tracking_uri, study.name, create=not args.dry_run)
     sweep = Sweep(
@@ -351,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         device=resolve_device(args.device),
     )
     tuner = None
-    if study.tuning.trials > 0:
+    if tuned:
         from bench.tuning import Tuner  # MLflow: see the note on imports at the top
 
-        tuner = Tuner(sweep, storage)
+        tuner = Tuner(sweep, storage, optuna_storage)
     if args.dry_run:
         print_plan(sweep, tuner, reruns)
         return 0
@@ -425,6 +431,8 @@ def run_study(sweep, tuner, reruns=frozenset()) -> tuple[list[RunResult], list[s
             except (KeyboardInterrupt, SystemExit, OutOfMemory):
                 raise
             except Exception as err:  # recorded as FAILED in MLflow; the sweep goes on
+                if disk_full(err):  # ... unless every pair after it would fail the same way
+                    raise
                 failures.append(f"{method} @ {label}: {type(err).__name__}: {err}")
                 print(
                     f"FAILED {method} @ {label}: {' '.join(str(err).split())[:200]}",

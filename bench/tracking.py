@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import os
 import socket
 import subprocess
@@ -32,6 +33,11 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from bench.paths import results_dir
+from bench.stores import prepare_tracking_store
+
+# MLflow logs each database error it re-raises, traceback and all (a full disk: ~60 lines); the
+# harness reports the error it gets in one line itself
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 __all__ = ["RunHandle", "Tracker", "TrackingError", "git_sha", "worker_id", "worker_is_dead"]
 
@@ -151,7 +157,8 @@ class RunHandle:
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            torch.save(dict(state), path)
+            with open(path, "wb") as f:  # a Python file: a full disk raises OSError(ENOSPC)
+                torch.save(dict(state), f)
             self.client.log_artifact(self.run_id, str(path))
 
 
@@ -163,7 +170,7 @@ class Tracker:
         (``mlflow.experimentKind``) so that the MLflow UI opens it on its runs.
 
         With ``create=False`` nothing is written: a missing store or experiment reads as empty
-        (``--dry-run`` uses this).
+        (``--dry-run`` uses this). A damaged SQLite store raises :class:`bench.stores.StoreError`.
         """
         self.uri = uri
         self.experiment_name = experiment
@@ -175,9 +182,9 @@ class Tracker:
         ):
             self.client = None
             return
+        # a SQLite store is built whole or checked first (bench.stores: never half-created)
+        prepare_tracking_store(uri, create=create)
         try:
-            if create and uri.startswith("sqlite:///"):
-                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is not None:

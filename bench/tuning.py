@@ -9,7 +9,8 @@ objective is validation accuracy subject to the achieved params ratio meeting th
 instead. The test split is never used here.
 
 The first trial of a new study runs the method's defaults (``tuning.defaults_first``), so the
-tuned configuration is never below the defaults on validation. A study remembers a fingerprint of
+tuned configuration is never below the defaults on validation; a defaults trial whose process
+died is queued again. A study remembers a fingerprint of
 what its trials' values depend on besides their parameters (fixed hyperparameters, fine-tuning
 recipe, baseline, trial epochs, the method's code); a sweep with other settings gets a study of
 its own (``name#<fingerprint>``) instead of mixing two objectives in one.
@@ -28,10 +29,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bench.cli import is_out_of_memory
+from bench.cli import disk_full, is_out_of_memory
 from bench.runner import Sweep
 from bench.runs import BaselineSpec, RunSpec, after_compression, code_key, method_defaults
 from bench.samplers import PRUNERS, SAMPLERS, pareto_sampler
+from bench.stores import StoreError, open_optuna_storage
 from bench.study import config_hash
 from bench.tracking import worker_id, worker_is_dead
 from bench.training import NonFiniteLoss
@@ -54,24 +56,22 @@ class Tuner:
     """Runs the tuning stage of a :class:`bench.runner.Sweep` (one Optuna study per (method,
     ratio) in the storage at ``storage_url``)."""
 
-    def __init__(self, sweep: Sweep, storage_url: str) -> None:
+    def __init__(
+        self, sweep: Sweep, storage_url: str, storage: optuna.storages.RDBStorage | None = None
+    ) -> None:
+        """``storage``: the store at ``storage_url`` as :func:`bench.stores.open_stores` opened
+        and checked it before the sweep started (None: opened, and checked, on first use; with
+        nothing at ``storage_url`` yet, a dry run reads it as empty)."""
         self.sweep = sweep
         self.cfg = sweep.study.tuning
         self.storage_url = storage_url
-        self._storage = None
+        self._storage = storage
 
     @property
     def storage(self) -> optuna.storages.RDBStorage:
-        """The Optuna storage, opened on first use; the Tuner's studies live in it."""
+        """The Optuna storage (created and checked by ``bench.stores`` if not given)."""
         if self._storage is None:
-            if self.storage_url.startswith("sqlite:///"):
-                path = self.storage_url.removeprefix("sqlite:///")
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            kwargs = {}
-            if not self.storage_url.startswith("sqlite"):
-                # several machines: a dead worker's trials go stale after the grace period
-                kwargs = {"heartbeat_interval": 60, "grace_period": 180}
-            self._storage = optuna.storages.RDBStorage(self.storage_url, **kwargs)
+            self._storage = open_optuna_storage(self.storage_url, say=self.sweep.say)
         return self._storage
 
     def base_name(self, method: str, ratio) -> str:
@@ -101,16 +101,25 @@ class Tuner:
         return base if known in (fp, None) else f"{base}#{fp[:8]}"
 
     def _fingerprints(self) -> dict[str, str | None]:
-        """Existing studies' fingerprints by name, read-only (None: made before fingerprints)."""
-        if self.storage_url.startswith("sqlite:///") and not os.path.exists(
-            self.storage_url.removeprefix("sqlite:///")
-        ):
-            return {}
+        """Existing studies' fingerprints by name, read-only (None: made before fingerprints).
+
+        A store that cannot be read is an error, never "no studies": that would skip the
+        fingerprint check and mix the trials of two objectives in one study.
+        """
+        storage = self._storage
+        if storage is None:
+            path = self.storage_url.removeprefix("sqlite:///")
+            if self.storage_url.startswith("sqlite:///") and not os.path.exists(path):
+                return {}  # nothing stored yet (a dry run before the first sweep)
+            storage = self.storage
         try:
-            summaries = optuna.get_all_study_summaries(self.storage_url, include_best_trial=False)
-        except Exception:  # no Optuna schema yet
-            return {}
-        return {s.study_name: s.user_attrs.get("fingerprint") for s in summaries}
+            studies = storage.get_all_studies()
+        except Exception as err:  # SQLAlchemy and Optuna raise many types
+            raise StoreError(
+                f"Optuna storage {self.storage_url}: cannot read its studies to check their "
+                f"fingerprints ({' '.join(str(err).split())[:200]})"
+            ) from None
+        return {s.study_name: s.user_attrs.get("fingerprint") for s in studies}
 
     def _space(self, method: str) -> dict[str, Any]:
         """The method's search space minus the hyperparameters the study fixes."""
@@ -122,14 +131,21 @@ class Tuner:
         study = self._create(method, ratio)
         if "fingerprint" not in study.user_attrs:
             study.set_user_attr("fingerprint", self.fingerprint(method))
-        if self.cfg.defaults_first and not study.get_trials(deepcopy=False):
-            defaults = method_defaults(self.sweep.study, method)
-            study.enqueue_trial(
-                {k: defaults[k] for k in self._space(method)},
-                user_attrs={"source": "defaults"},
-                skip_if_exists=True,
-            )
         return study
+
+    def _enqueue_defaults(self, study: optuna.Study, method: str) -> None:
+        """Queue the defaults trial (``tuning.defaults_first``) in a new study, and again where
+        the defaults trial's process died (:meth:`_fail_stale`, called first, marks it): a
+        resumed study tunes the same trials as an uninterrupted one."""
+        trials = study.get_trials(deepcopy=False)
+        last = [t for t in trials if t.user_attrs.get("source") == "defaults"][-1:]
+        died = bool(last) and last[0].state == TrialState.FAIL and last[0].user_attrs.get("stale")
+        if not self.cfg.defaults_first or (trials and not died):
+            return
+        defaults = method_defaults(self.sweep.study, method)
+        study.enqueue_trial(
+            {k: defaults[k] for k in self._space(method)}, user_attrs={"source": "defaults"}
+        )
 
     def _create(self, method: str, ratio) -> optuna.Study:
         """Create (or load) the Optuna study of (method, ratio), its sampler and pruner by name."""
@@ -155,7 +171,7 @@ class Tuner:
         name = self.study_name(method, ratio)
         if name not in self._fingerprints():
             return f"0/{self.cfg.trials} trials complete"
-        loaded = optuna.load_study(study_name=name, storage=self.storage_url)
+        loaded = optuna.load_study(study_name=name, storage=self.storage)
         done = len(loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         return f"{min(done, self.cfg.trials)}/{self.cfg.trials} trials complete"
 
@@ -166,6 +182,7 @@ class Tuner:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if worker_is_dead(trial.user_attrs.get("worker", "")):
                 trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                storage.set_trial_user_attr(trial_id, "stale", True)
                 storage.set_trial_state_values(trial_id, TrialState.FAIL)
                 n += 1
         return n
@@ -178,6 +195,7 @@ class Tuner:
         stale = self._fail_stale(study)
         if stale:
             sweep.say(f"tune {method} @ {ratio}: {stale} stale trials marked FAIL")
+        self._enqueue_defaults(study, method)
         space = self._space(method)
         defaults = method_defaults(sweep.study, method)
         target = Target.parse(ratio)
@@ -220,6 +238,8 @@ class Tuner:
             self._tag_state(key, "PRUNED")
             return
         except (NonFiniteLoss, MethodConfigError, RuntimeError, ValueError) as err:
+            if disk_full(err):  # not the trial's fault: stop the sweep (bench.cli)
+                raise
             trial.set_user_attr("error", " ".join(str(err).split())[:300])
             study.tell(trial, state=TrialState.FAIL)
             self._tag_state(key, "FAIL")

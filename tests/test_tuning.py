@@ -217,3 +217,30 @@ def test_pruner_stops_early_but_never_wastes_a_finished_trial():
     report(last, 10.0, epoch=1, n_reports=1)
     study.tell(last, 10.0)
     assert [t.state for t in study.trials][-1] == TrialState.COMPLETE
+
+
+def test_a_defaults_trial_whose_process_died_is_queued_again(tmp_path):
+    import socket
+
+    from bench.runner import Sweep
+    from bench.stores import open_optuna_storage
+    from bench.study import load_study
+    from bench.tuning import Tuner
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = load_study("smoke", ("tuning.trials=2", "methods=[magnitude]"))
+    tuner = Tuner(Sweep(study, tracker=None), url, open_optuna_storage(url))
+    optuna_study = tuner._study("magnitude", 2)
+    tuner._enqueue_defaults(optuna_study, "magnitude")
+    first = optuna_study.ask()  # the defaults trial, then its process dies (no pid 2**22 + 1)
+    first.set_user_attr("worker", f"{socket.gethostname()}:{2**22 + 1}")
+    assert first.user_attrs["source"] == "defaults"
+    assert tuner._fail_stale(optuna_study) == 1
+    tuner._enqueue_defaults(optuna_study, "magnitude")
+    trials = optuna_study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["source"] == "defaults"
+    # a defaults trial that failed by itself (NaN loss, say) is not tried again and again
+    optuna_study.tell(optuna_study.ask(), state=TrialState.FAIL)
+    tuner._enqueue_defaults(optuna_study, "magnitude")
+    assert len(optuna_study.get_trials()) == 2
