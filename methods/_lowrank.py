@@ -46,6 +46,7 @@ __all__ = [
     "factorisable_layers",
     "group_matrices",
     "layer_profiles",
+    "limits_text",
     "lowest_params",
     "note_unfactorised",
     "out_of_reach",
@@ -208,7 +209,7 @@ def note_unfactorised(model: nn.Module, unfactorised: Sequence[Unfactorised]) ->
             setattr(model.get_submodule(item.name), _LEFT_ALONE, item.reason)
 
 
-def _limits(unfactorised: Sequence[Unfactorised], floor: float, floor_factors: int) -> str:
+def limits_text(unfactorised: Sequence[Unfactorised], floor: float, floor_factors: int) -> str:
     """What keeps the params of a model factorised at the lowest ranks, in one clause."""
     kinds: dict[str, list[Unfactorised]] = {}
     for item in unfactorised:
@@ -497,7 +498,7 @@ def allocate_ranks(
         floor = total_params + weights_of(lowest)
         if floor > budget:
             factors = sum(layer.cost(r) for r, layer in zip(lowest, layers))
-            limits = _limits(unfactorised, floor, factors)
+            limits = limits_text(unfactorised, floor, factors)
             raise out_of_reach(method, target.ratio, total_params / floor, limits)
         t = solve_fraction(lambda t: total_params + weights_of(clamp(raw_ranks(t))), budget)
         raw = raw_ranks(t)
