@@ -1,7 +1,13 @@
 """Shared plumbing of the low-rank methods (``svd``, ``lrsd``, ``freq_lowrank``).
 
-- Which layers can be factorised (``Conv2d`` with ``groups == 1``, ``Linear``) and their m x d
-  views: a conv N x C x k x k is the matrix N x (C k^2), a linear layer is its weight.
+- Which layers can be factorised (``Conv2d``, ``Linear``) and their m x d views: a conv
+  N x C x k x k is the matrix N x (C k^2), a linear layer is its weight. A grouped conv (g groups)
+  is g matrices (N / g) x (C / g k^2), factorised per group at one shared rank r, for the methods
+  that ask for it (``grouped=True``); it deploys as two grouped convs with g groups. A depthwise
+  conv is never factorised: each of its groups is a 1 x k^2 matrix, whose rank-1 factors store
+  more than it does. The layers a method leaves alone are noted on the model with the reason
+  (:func:`note_unfactorised`), and appear in its layer table (:func:`rank_table`) and in the
+  "out of reach" error, which says which layers keep the params left.
 - The deployed form, :class:`LowRank`: a plain ``nn.Sequential`` of two ordinary layers, so
   ``FlopCounterMode`` and latency timers see the real work. A conv at rank r becomes
   ``Conv2d(C, r, k, stride, padding, dilation)`` then ``Conv2d(r, N, 1)`` (cost per output position
@@ -32,17 +38,23 @@ __all__ = [
     "LayerInfo",
     "LowRank",
     "RankPlan",
+    "Unfactorised",
     "allocate_ranks",
     "balance",
     "build_lowrank",
     "conv_like",
     "factorisable_layers",
+    "group_matrices",
     "layer_profiles",
+    "limits_text",
+    "lowest_params",
+    "note_unfactorised",
     "out_of_reach",
     "rank_table",
     "set_module",
     "solve_fraction",
     "truncated_svd",
+    "unfactorised_layers",
     "warn_adjusted",
     "weight_matrix",
 ]
@@ -56,14 +68,16 @@ class LayerInfo:
     Attributes:
         name: qualified module name (``model.get_submodule(name)``).
         kind: "conv" or "linear".
-        m: output channels / features.
-        d: C k^2 for a conv, input features for a linear layer.
+        m: output channels / features (per group).
+        d: C k^2 for a conv (per group: C / g k^2), input features for a linear layer.
+        groups: the conv's groups g; each group is one m x d matrix, all factorised at one rank.
     """
 
     name: str
     kind: str
     m: int
     d: int
+    groups: int = 1
 
     @property
     def full_rank(self) -> int:
@@ -72,11 +86,11 @@ class LayerInfo:
     @property
     def dense_params(self) -> int:
         """Weight values of the dense layer (the bias is the same dense or factorised)."""
-        return self.m * self.d
+        return self.groups * self.m * self.d
 
     def lowrank_params(self, rank: int) -> int:
-        """Weight values of the two factors at ``rank``."""
-        return rank * (self.m + self.d)
+        """Weight values of the two factors at ``rank`` (per group)."""
+        return self.groups * rank * (self.m + self.d)
 
     def saves(self, rank: int) -> bool:
         """True when factorising at ``rank`` stores fewer values than the dense weight."""
@@ -85,45 +99,143 @@ class LayerInfo:
     @property
     def max_saving_rank(self) -> int:
         """The largest rank that still saves parameters (0 when none does)."""
-        return (self.dense_params - 1) // (self.m + self.d)
+        return (self.m * self.d - 1) // (self.m + self.d)
 
     def cost(self, rank: int) -> int:
         """Weight values at ``rank``: the factors when they save, else the dense weight."""
         return self.lowrank_params(rank) if self.saves(rank) else self.dense_params
 
 
-def _is_factorisable(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Conv2d) and module.groups == 1) or isinstance(module, nn.Linear)
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.weight.shape[1] == 1
 
 
 def factorisable_layers(
-    model: nn.Module, *, include_linear: bool = True, spatial_only: bool = False
+    model: nn.Module,
+    *,
+    include_linear: bool = True,
+    spatial_only: bool = False,
+    grouped: bool = False,
 ) -> list[LayerInfo]:
-    """Conv2d (groups == 1) and, unless excluded, Linear layers of ``model`` in module order.
+    """Conv2d and, unless excluded, Linear layers of ``model`` in module order.
 
     Args:
         include_linear: also list ``nn.Linear`` layers.
         spatial_only: list only convs whose kernel is larger than 1 x 1.
+        grouped: also list grouped convs (factorised per group); depthwise convs never are.
     """
     layers = []
     for name, module in model.named_modules():
-        if not name or not _is_factorisable(module):
+        if not name:
             continue
         if isinstance(module, nn.Linear):
             if include_linear and not spatial_only:
                 layers.append(LayerInfo(name, "linear", module.out_features, module.in_features))
             continue
-        kh, kw = module.kernel_size
-        if spatial_only and kh * kw == 1:
+        if not isinstance(module, nn.Conv2d) or _is_depthwise(module):
             continue
-        layers.append(LayerInfo(name, "conv", module.out_channels, module.in_channels * kh * kw))
+        g = module.groups
+        kh, kw = module.kernel_size
+        if (g > 1 and not grouped) or (spatial_only and kh * kw == 1):
+            continue
+        m, d = module.out_channels // g, module.in_channels // g * kh * kw
+        layers.append(LayerInfo(name, "conv", m, d, g))
     return layers
 
 
+@dataclass(frozen=True)
+class Unfactorised:
+    """A conv or linear layer a low-rank method leaves dense, and why.
+
+    Attributes:
+        name: qualified module name.
+        kind: "depthwise", "grouped", "pointwise" (a 1 x 1 conv) or "linear".
+        params: its weight values.
+        reason: the sentence for the layer table.
+    """
+
+    name: str
+    kind: str
+    params: int
+    reason: str
+
+    @property
+    def structural(self) -> bool:
+        """True when the layer's structure, not the method's layer choice, keeps it dense."""
+        return self.kind in ("depthwise", "grouped")
+
+
+# kind -> (one layer, several layers), for the "out of reach" message
+_KINDS = {
+    "depthwise": ("depthwise conv", "depthwise convs"),
+    "grouped": ("grouped conv", "grouped convs"),
+    "pointwise": ("1 x 1 conv", "1 x 1 convs"),
+    "linear": ("linear layer", "linear layers"),
+}
+
+
+def unfactorised_layers(
+    model: nn.Module, layers: Sequence[LayerInfo], method: str
+) -> list[Unfactorised]:
+    """Every conv and linear layer of ``model`` not among ``layers``, with the reason."""
+    listed = {layer.name for layer in layers}
+    out = []
+    for name, module in model.named_modules():
+        if name in listed or not isinstance(module, nn.Conv2d | nn.Linear):
+            continue
+        params = module.weight.numel()
+        if _is_depthwise(module):
+            kind = "depthwise"
+            reason = "depthwise: each group is a 1 x k^2 matrix; its factors would store more"
+        elif isinstance(module, nn.Conv2d) and module.groups > 1:
+            kind = "grouped"
+            reason = f"grouped conv ({module.groups} groups): {method} factorises whole layers"
+        elif isinstance(module, nn.Conv2d):
+            kind, reason = "pointwise", f"1 x 1 conv: left out by {method}'s layer choice"
+        else:
+            kind, reason = "linear", f"linear layer: left out by {method}'s layer choice"
+        out.append(Unfactorised(name, kind, params, reason))
+    return out
+
+
+# the attribute noted on each layer a method left dense for its structure (rank_table reads it)
+_LEFT_ALONE = "lowrank_left_alone"
+
+
+def note_unfactorised(model: nn.Module, unfactorised: Sequence[Unfactorised]) -> None:
+    """Note on each structurally unfactorised layer why it stays dense (for :func:`rank_table`)."""
+    for item in unfactorised:
+        if item.structural:
+            setattr(model.get_submodule(item.name), _LEFT_ALONE, item.reason)
+
+
+def limits_text(unfactorised: Sequence[Unfactorised], floor: float, floor_factors: int) -> str:
+    """What keeps the params of a model factorised at the lowest ranks, in one clause."""
+    kinds: dict[str, list[Unfactorised]] = {}
+    for item in unfactorised:
+        kinds.setdefault(item.kind, []).append(item)
+    parts = []
+    for kind, items in sorted(kinds.items(), key=lambda kv: -sum(i.params for i in kv[1])):
+        one, many = _KINDS[kind]
+        what = f"{one} {items[0].name}" if len(items) == 1 else f"{len(items)} {many}"
+        parts.append(f"{what} ({sum(i.params for i in items) / floor:.0%} of the params left)")
+    parts.append(f"factorised layers at rank 1 ({floor_factors / floor:.0%})")
+    rest = floor - floor_factors - sum(i.params for i in unfactorised)
+    parts.append(f"norms, biases and other parameters ({rest / floor:.0%})")
+    return "kept dense: " + ", ".join(parts)
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The m x d view of a conv or linear weight (detached)."""
+    """The m x d view of a conv or linear weight (detached); a grouped conv's groups stacked."""
     weight = module.weight.detach()
     return weight.reshape(weight.shape[0], -1)
+
+
+def group_matrices(module: nn.Module) -> torch.Tensor:
+    """The g x m x d view of a conv's weight, one matrix per group (g = 1 for a plain layer)."""
+    weight = module.weight.detach()
+    groups = getattr(module, "groups", 1)
+    return weight.reshape(groups, weight.shape[0] // groups, -1)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -140,27 +252,41 @@ class LowRank(nn.Sequential):
     """A factorised conv or linear layer: ``self[0]`` (r outputs, no bias), ``self[1]`` (r -> m).
 
     A plain ``nn.Sequential`` (same forward, same state-dict keys); the subclass only lets
-    :func:`rank_table` find factorised layers and read their rank.
+    :func:`rank_table` find factorised layers and read their rank. A grouped conv's factors are
+    two convs with its g groups, ``self[0]`` with g r outputs; ``rank`` is the rank per group.
     """
 
     @property
     def rank(self) -> int:
         first = self[0]
-        return first.out_channels if isinstance(first, nn.Conv2d) else first.out_features
+        if isinstance(first, nn.Conv2d):
+            return first.out_channels // first.groups
+        return first.out_features
+
+    @property
+    def groups(self) -> int:
+        return getattr(self[0], "groups", 1)
 
 
 def rank_table(model: nn.Module) -> list[dict[str, Any]]:
-    """One row ``{"layer", "rank"}`` per :class:`LowRank` layer of ``model``, in module order."""
-    return [
-        {"layer": name, "rank": module.rank}
-        for name, module in model.named_modules()
-        if isinstance(module, LowRank)
-    ]
+    """One row ``{"layer", "rank"}`` per :class:`LowRank` layer of ``model`` (with ``groups``
+    for a grouped one), then ``{"layer", "left_alone"}`` per layer left dense for its structure
+    (:func:`note_unfactorised`), in module order."""
+    rows: list[dict[str, Any]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, LowRank):
+            row: dict[str, Any] = {"layer": name, "rank": module.rank}
+            if module.groups > 1:
+                row["groups"] = module.groups
+            rows.append(row)
+        elif isinstance(getattr(module, _LEFT_ALONE, None), str):
+            rows.append({"layer": name, "left_alone": getattr(module, _LEFT_ALONE)})
+    return rows
 
 
-def conv_like(conv: nn.Conv2d, out_channels: int, *, bias: bool) -> nn.Conv2d:
+def conv_like(conv: nn.Conv2d, out_channels: int, *, bias: bool, groups: int = 1) -> nn.Conv2d:
     """A new conv with ``conv``'s inputs, kernel, stride, padding, dilation, padding mode, device
-    and dtype, and ``out_channels`` filters (weights freshly initialised)."""
+    and dtype, and ``out_channels`` filters in ``groups`` groups (weights freshly initialised)."""
     return nn.Conv2d(
         conv.in_channels,
         out_channels,
@@ -168,6 +294,7 @@ def conv_like(conv: nn.Conv2d, out_channels: int, *, bias: bool) -> nn.Conv2d:
         stride=conv.stride,
         padding=conv.padding,
         dilation=conv.dilation,
+        groups=groups,
         bias=bias,
         padding_mode=conv.padding_mode,
         device=conv.weight.device,
@@ -180,16 +307,21 @@ def build_lowrank(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> LowRan
     """The deployed form of ``module`` with weight matrix ``a @ b`` (a: m x r, b: r x d).
 
     The first layer keeps ``module``'s kernel size, stride, padding, dilation and padding mode;
-    the second is a 1 x 1 conv (or linear) carrying ``module``'s bias.
+    the second is a 1 x 1 conv (or linear) carrying ``module``'s bias. For a grouped conv, ``a``
+    is g x m x r and ``b`` is g x r x d (group i's weight is ``a[i] @ b[i]``), and both convs
+    have g groups.
     """
     weight = module.weight
-    rank = a.shape[1]
+    rank = a.shape[-1]
     kw = {"device": weight.device, "dtype": weight.dtype}
     has_bias = module.bias is not None
     if isinstance(module, nn.Conv2d):
-        first: nn.Module = conv_like(module, rank, bias=False)
-        second: nn.Module = nn.Conv2d(rank, module.out_channels, 1, bias=has_bias, **kw)
-        first.weight.copy_(b.reshape(rank, *weight.shape[1:]))
+        g = module.groups
+        first: nn.Module = conv_like(module, g * rank, bias=False, groups=g)
+        second: nn.Module = nn.Conv2d(
+            g * rank, module.out_channels, 1, groups=g, bias=has_bias, **kw
+        )
+        first.weight.copy_(b.reshape(g * rank, *weight.shape[1:]))
         second.weight.copy_(a.reshape(module.out_channels, rank, 1, 1))
     elif isinstance(module, nn.Linear):
         first = nn.Linear(module.in_features, rank, bias=False, **kw)
@@ -238,6 +370,16 @@ class RankPlan:
     dense: tuple[str, ...] = ()
 
 
+def lowest_params(layers: Sequence[LayerInfo], total_params: int) -> int:
+    """``count_params`` of the model with every layer of ``layers`` at rank 1 (or dense where
+    rank 1 does not save): the fewest params factorising them can reach."""
+    return (
+        total_params
+        + sum(min(la.lowrank_params(1), la.dense_params) for la in layers)
+        - sum(la.dense_params for la in layers)
+    )
+
+
 def solve_fraction(params_at: Callable[[float], float], budget: float, *, steps: int = 50) -> float:
     """The largest t in [0, 1] with ``params_at(t) <= budget`` (``params_at`` non-decreasing).
 
@@ -255,11 +397,15 @@ def solve_fraction(params_at: Callable[[float], float], budget: float, *, steps:
     return lo
 
 
-def out_of_reach(method: str, ratio: float, best_ratio: float) -> MethodConfigError:
-    """The one-line error for a ratio beyond what ``method`` can reach on a model."""
+def out_of_reach(
+    method: str, ratio: float, best_ratio: float, limits: str = ""
+) -> MethodConfigError:
+    """The one-line error for a ratio beyond what ``method`` can reach on a model; ``limits``
+    says which layers keep the params left."""
+    why = f"; {limits}" if limits else ""
     return MethodConfigError(
         f"{method}: ratio {ratio:g} is out of reach on this model; the most it can reach is "
-        f"{best_ratio:.3g} (give a smaller ratio)"
+        f"{best_ratio:.3g}{why} (give a smaller ratio)"
     )
 
 
@@ -308,6 +454,7 @@ def allocate_ranks(
     allocation: str = "uniform",
     spectra: Sequence[torch.Tensor] | None = None,
     method: str = "low-rank",
+    unfactorised: Sequence[Unfactorised] = (),
 ) -> RankPlan:
     """Ranks that meet ``target`` over the whole model's ``total_params`` (BN, biases, all).
 
@@ -319,8 +466,11 @@ def allocate_ranks(
         allocation: "uniform" (the same fraction of each layer's full rank) or "energy" (each layer
             keeps the smallest rank whose share of squared singular values reaches one global
             threshold); "energy" needs ``spectra``.
-        spectra: singular values of each layer's matrix, descending.
+        spectra: singular values of each layer's matrix, descending (a grouped layer: their
+            root mean square over its groups, so that rank r keeps the energy share that the
+            top r of every group keep together).
         method: name used in errors and warnings.
+        unfactorised: the layers left dense, named in the "out of reach" error.
 
     Raises:
         MethodConfigError: the ratio is out of reach, or cannot be met within tolerance, or the
@@ -344,9 +494,12 @@ def allocate_ranks(
         ranks = clamp(raw)
     else:
         budget = total_params / target.ratio
-        floor = total_params + weights_of(clamp(raw_ranks(0.0)))
+        lowest = clamp(raw_ranks(0.0))
+        floor = total_params + weights_of(lowest)
         if floor > budget:
-            raise out_of_reach(method, target.ratio, total_params / floor)
+            factors = sum(layer.cost(r) for r, layer in zip(lowest, layers))
+            limits = limits_text(unfactorised, floor, factors)
+            raise out_of_reach(method, target.ratio, total_params / floor, limits)
         t = solve_fraction(lambda t: total_params + weights_of(clamp(raw_ranks(t))), budget)
         raw = raw_ranks(t)
         room = budget - total_params - weights_of(clamp(raw))

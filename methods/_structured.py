@@ -8,7 +8,10 @@ with a ``uniform`` or ``global`` allocation, :mod:`methods._allocation`).
 
 The structure (which convs are prunable, the graph, the surgery) lives in
 :mod:`methods._structured_graph` and is re-exported here; this module holds the policy, the ratio
-solver and the :class:`StructuredPruning` base class.
+solver and the :class:`StructuredPruning` base class. The policy counts *items*: a filter, or for a
+layer coupled to grouped convs one filter per channel block (its g blocks shrink alike, so no group
+is ever emptied); a criterion still scores filters, and a block's items are ranked by the mean
+score of their filters (as torch-pruning's ``MetaPruner`` does).
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ from torch import nn
 from methods._allocation import get_allocation
 from methods._modules import example_input, note_layers, noted_layers
 from methods._structured_graph import (
+    ConvRole,
     build_graph,
+    classify_layers,
     copy_with_graph,
+    describe_limits,
     following_batchnorm,
     prunable_convs,
+    prunable_units,
     prune_filters,
 )
 from methods.base import (
@@ -42,14 +49,17 @@ from methods.base import (
 )
 
 __all__ = [
+    "ConvRole",
     "PrunableModel",
     "StructuredPruning",
     "build_graph",
+    "classify_layers",
     "copy_with_graph",
     "following_batchnorm",
     "kept_count",
     "params_after",
     "prunable_convs",
+    "prunable_units",
     "prune_filters",
     "reinit_bn_and_classifier",
     "removal_order",
@@ -106,21 +116,41 @@ def params_after(
     counts: Sequence[int],
     *,
     graph: tp.DependencyGraph | None = None,
+    channel_groups: Sequence[int] | None = None,
 ) -> int:
-    """``count_params`` of ``model`` with ``counts[l]`` filters left in layer ``names[l]``.
+    """``count_params`` of ``model`` with ``counts[l]`` items left in layer ``names[l]``.
 
-    Works on a deep copy: which filters go does not change the count, only how many. With
-    ``graph`` (built on the unpruned ``model``, left untouched) the copy is pruned through a copy
-    of it; without, the copy is traced anew, which costs far more (a forward pass with autograd and
-    torch-pruning's analysis) and gives the same result.
+    An item is a filter, or with ``channel_groups[l] = g > 1`` one filter in each of the layer's g
+    channel blocks (:class:`methods._structured_graph.ConvRole`). Works on a deep copy: which
+    filters go does not change the count, only how many. With ``graph`` (built on the unpruned
+    ``model``, left untouched) the copy is pruned through a copy of it; without, the copy is traced
+    anew, which costs far more (a forward pass with autograd and torch-pruning's analysis) and
+    gives the same result.
     """
+    return count_params(_pruned_copy(model, example, names, counts, graph, channel_groups))
+
+
+def _pruned_copy(
+    model: nn.Module,
+    example: torch.Tensor,
+    names: Sequence[str],
+    counts: Sequence[int],
+    graph: tp.DependencyGraph | None,
+    channel_groups: Sequence[int] | None,
+) -> nn.Module:
+    """A copy of ``model`` with the first ``counts[l]`` items of ``names[l]`` kept."""
+    blocks = channel_groups if channel_groups is not None else [1] * len(names)
+    keep = []
+    for name, k, g in zip(names, counts, blocks):
+        size = model.get_submodule(name).out_channels // g
+        keep.append([i + b * size for b in range(g) for i in range(k)])
     if graph is None:
         clone = copy.deepcopy(model)
-        prune_filters(clone, example, names, [range(k) for k in counts])
+        prune_filters(clone, example, names, keep)
     else:
         clone, clone_graph = copy_with_graph(model, graph)
-        prune_filters(clone, example, names, [range(k) for k in counts], graph=clone_graph)
-    return count_params(clone)
+        prune_filters(clone, example, names, keep, graph=clone_graph)
+    return clone
 
 
 def solve_ratio(
@@ -133,8 +163,11 @@ def solve_ratio(
     allocation: str,
     method: str,
     graph: tp.DependencyGraph | None = None,
+    channel_groups: Sequence[int] | None = None,
+    roles: Sequence[ConvRole] | None = None,
 ) -> list[int]:
-    """Filters to keep per layer so that dense / pruned params hits ``target.ratio``.
+    """Items (filters, or filter blocks: :func:`params_after`) to keep per layer so that dense /
+    pruned params hits ``target.ratio``; ``scores`` has one entry per item.
 
     Bisection over the number m of single-filter removals taken from :func:`removal_order`: params
     fall monotonically with m, and each step removes one filter. When the step across the target
@@ -144,8 +177,10 @@ def solve_ratio(
     None; neither is modified).
 
     Raises:
-        MethodConfigError: the ratio is beyond what pruning every prunable layer to one filter
-            reaches, or no candidate lands within the tolerance.
+        MethodConfigError: the ratio is beyond what pruning every prunable layer to one item
+            reaches (the message says where the params left are, from ``roles``: the dense
+            model's :func:`classify_layers`, traced when None), or no candidate lands within the
+            tolerance.
     """
     if target.ratio is None:
         raise ValueError("solve_ratio needs a ratio target")
@@ -164,7 +199,9 @@ def solve_ratio(
 
     def ratio_of(counts: tuple[int, ...]) -> float:
         if counts not in cache:
-            cache[counts] = dense / params_after(model, example, names, counts, graph=graph)
+            cache[counts] = dense / params_after(
+                model, example, names, counts, graph=graph, channel_groups=channel_groups
+            )
         return cache[counts]
 
     def error(counts: tuple[int, ...]) -> float:
@@ -172,9 +209,12 @@ def solve_ratio(
 
     most = ratio_of(counts_at(len(order)))
     if most < goal and abs(most / goal - 1.0) > target.tolerance:
+        floor = _pruned_copy(model, example, names, counts_at(len(order)), graph, channel_groups)
+        roles = roles if roles is not None else classify_layers(model, example, graph=graph)
         raise MethodConfigError(
             f"ratio {goal:g} is out of reach for {method} on this model: structured "
-            f"pruning of its prunable layers reaches at most {most:.1f}x"
+            f"pruning of its {len(names)} prunable layers reaches at most {most:.2f}x; "
+            f"{describe_limits(floor, roles)}"
         )
     lo, hi = 0, len(order)  # invariant: ratio(lo) < goal <= ratio(hi), or hi is the end
     while hi - lo > 1:
@@ -240,10 +280,11 @@ class StructuredPruning(CompressionMethod):
 
     Subclasses implement :meth:`filter_scores`; one with more arguments than ``allocation`` checks
     and stores them in its own ``__init__`` and calls ``super().__init__(allocation)`` (and may set
-    ``self.reinit_bn``). ``compress`` then finds the prunable convs, scores them, picks the filters
+    ``self.reinit_bn``). ``compress`` then finds the prunable convs, scores them, picks the items
     (per-layer rates when the target has them, else the ratio solved by bisection under
     ``allocation``; explicit rates ignore ``allocation``), removes the rest with torch-pruning, and
     notes on each pruned conv its filter count before pruning (read back by :meth:`layer_table`).
+    A ratio out of reach raises a one-line error saying which layers keep the params left.
 
     Args:
         allocation: ``"uniform"`` (one rate for all prunable layers) or ``"global"`` (one
@@ -268,43 +309,56 @@ class StructuredPruning(CompressionMethod):
     ) -> nn.Module:
         example = example_input(model, data.input_shape)
         graph = build_graph(model, example)
-        layers = prunable_convs(model, example, graph=graph)
-        if not layers:
+        roles = classify_layers(model, example, graph=graph)
+        units = [role for role in roles if role.is_unit]
+        if not units:
             raise MethodConfigError(
-                f"{self.name} found no prunable conv in this model (groups=1, not feeding a "
+                f"{self.name} found no prunable conv in this model (not depthwise, not feeding a "
                 "residual sum, not the last conv)"
             )
-        target.check_layer_count(len(layers), "prunable convs")
-        names = [name for name, _ in layers]
-        sizes = [conv.out_channels for _, conv in layers]
+        target.check_layer_count(len(units), "prunable convs")
+        names = [unit.name for unit in units]
+        layers = [(unit.name, unit.module) for unit in units]
+        blocks = [unit.channel_groups for unit in units]
         prunable = PrunableModel(model, layers, data, graph)
         scores = [s.detach().double().cpu() for s in self.filter_scores(prunable)]
-        for name, n, s in zip(names, sizes, scores):
+        for unit, s in zip(units, scores):
+            n = unit.module.out_channels
             if s.shape != (n,):
                 raise RuntimeError(
-                    f"{self.name}: {name} has {n} filters but {tuple(s.shape)} scores"
+                    f"{self.name}: {unit.name} has {n} filters but {tuple(s.shape)} scores"
                 )
+        # a grouped unit ranks items (one filter per channel block) by their blocks' mean score
+        item_scores = [unit.item_scores(s) for unit, s in zip(units, scores)]
         if target.layer_rates is not None:
-            counts = [kept_count(n, p) for n, p in zip(sizes, target.layer_rates)]
+            counts = [kept_count(u.items, p) for u, p in zip(units, target.layer_rates)]
         else:
             counts = solve_ratio(
                 model,
                 example,
                 names,
-                scores,
+                item_scores,
                 target,
                 allocation=self.allocation,
                 method=self.name,
                 graph=graph,
+                channel_groups=blocks,
+                roles=roles,
             )
-        prune_filters(model, example, names, top_filters(scores, counts), graph=graph)
+        facts = [
+            {"filters_before": u.module.out_channels, "channel_groups": u.channel_groups}
+            for u in units
+        ]
+        keep = [u.channels(k) for u, k in zip(units, top_filters(item_scores, counts))]
+        prune_filters(model, example, names, keep, graph=graph)
         if self.reinit_bn:
             reinit_bn_and_classifier(model)
-        note_layers(layers, _NOTE, [{"filters_before": n} for n in sizes])
+        note_layers(layers, _NOTE, facts)
         return model
 
     def layer_table(self, model: nn.Module) -> list[dict[str, object]]:
-        """One row per conv that filter pruning pruned in ``model``: filters before and after."""
+        """One row per conv that filter pruning pruned in ``model``: filters before and after,
+        and the channel blocks they were pruned in (1 unless grouped convs are coupled)."""
         rows = []
         for name, conv, facts in noted_layers(model, _NOTE):
             before, after = facts["filters_before"], conv.out_channels
@@ -314,6 +368,7 @@ class StructuredPruning(CompressionMethod):
                     "filters_before": before,
                     "filters_after": after,
                     "pruned_fraction": 1 - after / before,
+                    "channel_groups": facts.get("channel_groups", 1),
                 }
             )
         return rows

@@ -15,8 +15,14 @@ squared-norm sampling (Drineas, Mahoney, Muthukrishnan 2008) and "LinearTimeSVD"
 Mahoney 2006).
 
 Stored: per compressed conv two dense factors, the k x k conv (r x C x k x k, spatial weights
-obtained by the inverse DCT of B) and the 1 x 1 conv (N x r, carrying the bias). 1 x 1 convs and
-linear layers are left dense (a 1 x 1 DCT is the identity). The returned model holds plain convs.
+obtained by the inverse DCT of B) and the 1 x 1 conv (N x r, carrying the bias). A grouped conv is
+factorised per group (each group's frequency matrix at one shared rank r), deployed as two grouped
+convs; depthwise convs stay dense (each group is 1 x k^2; noted in the layer table). 1 x 1 convs
+and linear layers (a 1 x 1 DCT is the identity) are left dense with ``layers="spatial"``, the
+paper's setting; with ``"all"`` they go through the same rounds in the weight domain (no L1 term,
+no thresholding); ``"auto"`` (the default) is ``"spatial"`` unless that cannot reach the ratio
+target (MobileNets, EfficientNets, ConvNeXts keep most of their params in 1 x 1 convs), then
+``"all"``. The returned model holds plain convs.
 
 Reconstructions (only the abstract was available; docs/papers.md): every step below is a documented
 choice, not the paper's verified recipe: the L1 weight ``lam`` and its optional (1 + u + v)
@@ -52,9 +58,12 @@ from methods._lowrank import (
     balance,
     build_lowrank,
     factorisable_layers,
+    lowest_params,
+    note_unfactorised,
     rank_table,
     set_module,
     truncated_svd,
+    unfactorised_layers,
 )
 from methods.base import (
     CalibData,
@@ -67,6 +76,7 @@ from methods.base import (
 )
 
 __all__ = [
+    "LAYER_CHOICES",
     "SAMPLERS",
     "FreqLowRank",
     "FromDCT",
@@ -77,6 +87,7 @@ __all__ = [
 ]
 
 SAMPLERS = ("cur", "lineartime", "svd")
+LAYER_CHOICES = ("auto", "spatial", "all")
 # LinearTimeSVD samples this many columns per kept rank (Drineas et al. take c >= r; 4 r is cheap)
 _LINEARTIME_OVERSAMPLE = 4
 
@@ -196,6 +207,7 @@ class FreqLowRank(CompressionMethod):
         allocation: str = "uniform",
         start_fraction: float = 0.5,
         max_rounds: int = 8,
+        layers: str = "auto",
     ) -> None:
         """
         Args:
@@ -212,6 +224,9 @@ class FreqLowRank(CompressionMethod):
             allocation: final ranks by "uniform" fraction of full rank or global "energy" threshold.
             start_fraction: first round's ranks as a fraction of full rank (never below final).
             max_rounds: most rounds; the last one always lands on the final ranks.
+            layers: "spatial" (convs larger than 1 x 1, in the DCT domain: the paper), "all"
+                (also 1 x 1 convs and linear layers, in the weight domain) or "auto" ("spatial"
+                unless only "all" reaches the ratio target).
         """
         n = self.name
         check_float(n, "lam", lam, 0.0)
@@ -224,6 +239,7 @@ class FreqLowRank(CompressionMethod):
         get_allocation(allocation, method=n, supported=self.allocations)
         check_float(n, "start_fraction", start_fraction, 0.0, 1.0, open_low=True)
         check_int(n, "max_rounds", max_rounds, 1)
+        check_choice(n, "layers", layers, LAYER_CHOICES)
         self.lam = lam
         self.freq_weight = freq_weight
         self.sparsify_epochs = sparsify_epochs
@@ -234,6 +250,7 @@ class FreqLowRank(CompressionMethod):
         self.allocation = allocation
         self.start_fraction = start_fraction
         self.max_rounds = max_rounds
+        self.layers = layers
 
     def regularize(self, model: nn.Module) -> torch.Tensor | None:
         """``lam * sum |F|`` over DCT-parametrised convs (weighted by 1 + u + v if
@@ -259,19 +276,26 @@ class FreqLowRank(CompressionMethod):
     ) -> nn.Module:
         model.eval()
         total = count_params(model)
-        layers = factorisable_layers(model, spatial_only=True)
-        if not layers:
-            raise MethodConfigError("freq_lowrank: the model has no conv larger than 1 x 1")
+        spatial = factorisable_layers(model, spatial_only=True, grouped=True)
+        if not spatial:
+            raise MethodConfigError(
+                "freq_lowrank: the model has no conv larger than 1 x 1 (depthwise convs aside)"
+            )
+        layers = self._chosen_layers(model, spatial, total, target)
+        left = unfactorised_layers(model, layers, self.name)
         # one numpy stream per call, seeded from torch's global RNG (deterministic under a seed)
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
-        parametrize_dct(model, [layer.name for layer in layers])
+        parametrize_dct(model, [layer.name for layer in spatial])
         if self.sparsify_epochs > 0:
             finetune(model, self.sparsify_epochs, regularizer=self.regularize)
-        self._hard_threshold(model, layers)
+        self._hard_threshold(model, spatial)
         spectra = None
         if get_allocation(self.allocation).needs_spectrum:
             with torch.no_grad():
-                spectra = [torch.linalg.svdvals(self._matrix(model, la).double()) for la in layers]
+                spectra = [
+                    torch.linalg.svdvals(self._matrix(model, la).double()).square().mean(0).sqrt()
+                    for la in layers
+                ]
         final = allocate_ranks(
             layers,
             total,
@@ -279,6 +303,7 @@ class FreqLowRank(CompressionMethod):
             allocation=self.allocation,
             spectra=spectra,
             method=self.name,
+            unfactorised=left,
         ).ranks
         dense_convs = {layer.name: model.get_submodule(layer.name) for layer in layers}
         for step, ranks in enumerate(self._schedule(layers, final)):
@@ -301,7 +326,21 @@ class FreqLowRank(CompressionMethod):
                 break
             for layer in layers:
                 _recompose(model, layer.name, dense_convs[layer.name])
+        note_unfactorised(model, left)
         return remove_dct(model)
+
+    def _chosen_layers(
+        self, model: nn.Module, spatial: list[LayerInfo], total: int, target: Target
+    ) -> list[LayerInfo]:
+        """The layers the rounds factorise, by ``self.layers`` (see the module docstring)."""
+        if self.layers == "spatial" or (self.layers == "auto" and target.ratio is None):
+            return spatial
+        every = factorisable_layers(model, grouped=True)
+        if self.layers == "all":
+            return every
+        reach = total / lowest_params(spatial, total)
+        enough = reach >= target.ratio or abs(reach / target.ratio - 1.0) <= target.tolerance
+        return spatial if enough else every
 
     # -- steps
     def _schedule(
@@ -319,7 +358,7 @@ class FreqLowRank(CompressionMethod):
 
     @torch.no_grad()
     def _hard_threshold(self, model: nn.Module, layers: list[LayerInfo]) -> None:
-        """Zero each layer's coefficients below ``threshold`` x its largest |F|."""
+        """Zero each DCT layer's coefficients below ``threshold`` x its largest |F|."""
         if self.threshold <= 0:
             return
         for layer in layers:
@@ -328,35 +367,50 @@ class FreqLowRank(CompressionMethod):
 
     @staticmethod
     def _matrix(model: nn.Module, layer: LayerInfo) -> torch.Tensor:
-        return dct_coefficients(model.get_submodule(layer.name)).detach().reshape(layer.m, layer.d)
+        """The layer's g x m x d trained matrices: DCT coefficients, or weights for 1 x 1 convs
+        and linear layers."""
+        return _trained(model.get_submodule(layer.name)).detach().reshape(layer.groups, layer.m, -1)
 
     @torch.no_grad()
     def _factorise(
         self, model: nn.Module, layer: LayerInfo, rank: int, rng: np.random.Generator
     ) -> None:
-        """Replace the dense DCT conv by A (1 x 1) after B (k x k, itself DCT-parametrised)."""
+        """Replace the dense layer by A (1 x 1) after B (k x k; a DCT conv's B is itself
+        DCT-parametrised); a grouped conv's groups are factorised one by one."""
         conv = model.get_submodule(layer.name)
-        a, b = low_rank_factors(self._matrix(model, layer), rank, self.sampler, rng)
-        spatial_b = idct2(b.reshape(rank, *conv.weight.shape[1:])).reshape(rank, -1)
-        factorised = build_lowrank(conv, a, spatial_b)
-        parametrize_dct(factorised, ["0"])
+        pairs = [low_rank_factors(m, rank, self.sampler, rng) for m in self._matrix(model, layer)]
+        a, b = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+        in_dct = dct_coefficients(conv) is not None
+        if in_dct:
+            b = idct2(b.reshape(layer.groups * rank, *conv.weight.shape[1:]))
+        b = b.reshape(layer.groups, rank, -1)
+        factorised = build_lowrank(conv, *((a[0], b[0]) if layer.groups == 1 else (a, b)))
+        if in_dct:
+            parametrize_dct(factorised, ["0"])
         set_module(model, layer.name, factorised)
 
     def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Rank of every factorised layer."""
+        """Rank of every factorised layer; why each depthwise conv stayed dense."""
         return rank_table(model)
+
+
+def _trained(module: nn.Module) -> torch.Tensor:
+    """The tensor training updates: a DCT conv's coefficients F, else the weight itself."""
+    f = dct_coefficients(module)
+    return module.weight if f is None else f
 
 
 @torch.no_grad()
 def _recompose(model: nn.Module, name: str, conv: nn.Module) -> None:
-    """Put ``conv`` back at ``name`` with F = A B from the factorised layer there (if any)."""
+    """Put ``conv`` back at ``name`` with F = A B (per group) from the factorised layer there."""
     factorised = model.get_submodule(name)
     if not isinstance(factorised, LowRank):
         return
     first, second = factorised
-    a = second.weight.reshape(second.out_channels, -1)
-    m = a @ dct_coefficients(first).reshape(first.out_channels, -1)
-    dct_coefficients(conv).copy_(m.reshape(conv.weight.shape))
+    groups, rank = factorised.groups, factorised.rank
+    a = second.weight.reshape(groups, -1, rank)
+    m = torch.bmm(a, _trained(first).reshape(groups, rank, -1))
+    _trained(conv).copy_(m.reshape(conv.weight.shape))
     if conv.bias is not None:
         conv.bias.copy_(second.bias)
     set_module(model, name, conv)

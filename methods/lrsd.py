@@ -15,9 +15,10 @@ CVPR 2017 (docs/papers.md section 3); the bilateral solver follows Zhou and Tao,
 Stored: per compressed layer a :class:`LowRankSparse` module: the low-rank branch (a k x k conv with
 r filters, then a 1 x 1 conv r -> N; linear layers: two linear layers) plus the sparse branch (a
 conv or linear of the original shape whose weight carries a fixed 0/1 mask, ``methods._masks``),
-summed; the bias is added once. ``stored_params`` counts the sparse branch by its c kept values
-(indices not counted); its dense MACs are, honestly, unchanged. Fine-tuning keeps the shapes and S's
-pattern.
+summed; the bias is added once. Grouped and depthwise convs stay dense (the fit needs one input
+covariance per layer; their groups would need one each), with the reason in the layer table.
+``stored_params`` counts the sparse branch by its c kept values (indices not counted); its dense
+MACs are, honestly, unchanged. Fine-tuning keeps the shapes and S's pattern.
 
 Reconstructions (docs/papers.md marks the paper's full text as out of reach): the per-layer budget
 is the params of a rank r_l(t) factorisation with one level t for the whole model, solved by
@@ -46,15 +47,20 @@ from methods._allocation import get_allocation
 from methods._checks import check_float, check_int
 from methods._lowrank import (
     LayerInfo,
+    Unfactorised,
     allocate_ranks,
     balance,
     build_lowrank,
     conv_like,
     factorisable_layers,
     layer_profiles,
+    limits_text,
+    note_unfactorised,
     out_of_reach,
+    rank_table,
     set_module,
     solve_fraction,
+    unfactorised_layers,
     warn_adjusted,
     weight_matrix,
 )
@@ -152,13 +158,15 @@ def plan_splits(
     *,
     allocation: str = "uniform",
     spectra: list[torch.Tensor] | None = None,
+    unfactorised: list[Unfactorised] | tuple[()] = (),
 ) -> list[Split | None]:
     """Per-layer (rank, nnz) meeting ``target`` in stored params; None = left dense.
 
     Layer l's budget at level t is the params of a rank r_l(t) factorisation, r_l(t) (m + d):
     ``uniform``: r_l = t * min(m, d) (with ``share = 0``, ``svd``'s "uniform"); ``energy``: the
     smallest r_l whose share of ``spectra[l]``'s squared values reaches t (one t for the model).
-    ``target.layer_rates`` set t per layer (t = 1 - rate, uniform).
+    ``target.layer_rates`` set t per layer (t = 1 - rate, uniform). ``unfactorised`` (the
+    layers left dense) are named in the "out of reach" error.
     """
     policy = get_allocation(allocation, method=method)
     profiles = layer_profiles(policy, spectra, len(layers))
@@ -182,7 +190,13 @@ def plan_splits(
     if share <= 0.0:
         # pure low rank: rank steps are coarse, so use the shared allocator (bisection + top-up)
         plan = allocate_ranks(
-            layers, total_params, target, allocation=allocation, spectra=spectra, method=method
+            layers,
+            total_params,
+            target,
+            allocation=allocation,
+            spectra=spectra,
+            method=method,
+            unfactorised=unfactorised,
         )
         return [None if r is None else Split(r, 0) for r in plan.ranks]
     if target.layer_rates is not None:
@@ -191,9 +205,14 @@ def plan_splits(
         splits = splits_at([1.0 - p for p in target.layer_rates])
     else:
         budget = total_params / target.ratio
-        floor = stored(splits_at([0.0] * len(layers)))
+        lowest = splits_at([0.0] * len(layers))
+        floor = stored(lowest)
         if floor > budget:
-            raise out_of_reach(method, target.ratio, total_params / floor)
+            factors = sum(
+                min(sp.stored(la), la.dense_params) for (sp, _), la in zip(lowest, layers)
+            )
+            limits = limits_text(unfactorised, floor, factors)
+            raise out_of_reach(method, target.ratio, total_params / floor, limits)
         t = solve_fraction(lambda t: stored(splits_at([t] * len(layers))), budget)
         splits = splits_at([t] * len(layers))
         achieved = total_params / stored(splits)
@@ -277,6 +296,7 @@ class LRSD(CompressionMethod):
     ) -> nn.Module:
         model.eval()
         layers = factorisable_layers(model)
+        left = unfactorised_layers(model, layers, self.name)
         device = next(model.parameters()).device
         example = next(iter(data.batches()))[0][:2].to(device)
         wanted = {layer.name for layer in layers}
@@ -292,6 +312,7 @@ class LRSD(CompressionMethod):
             float(self.sparse_share),
             allocation=self.allocation if spectra is not None else "uniform",
             spectra=spectra,
+            unfactorised=left,
         )
         by_name = {layer.name: (layer, split) for layer, split in zip(layers, splits)}
         # layers the forward pass never reaches have no inputs to fit: Sigma = I (a weight fit)
@@ -320,6 +341,7 @@ class LRSD(CompressionMethod):
                 solver_iters=self.solver_iters,
             )
             set_module(model, name, _deploy(module, u, v, s, mask))
+        note_unfactorised(model, left)
         return model
 
     def _output_spectrum(
@@ -338,12 +360,14 @@ class LRSD(CompressionMethod):
         return eig.flip(0).sqrt()
 
     def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Rank and sparse nonzeros of every decomposed layer."""
-        return [
+        """Rank and sparse nonzeros of every decomposed layer; why each grouped or depthwise conv
+        stayed dense."""
+        rows = [
             {"layer": name, "rank": module.rank, "sparse_nnz": module.nnz}
             for name, module in model.named_modules()
             if isinstance(module, LowRankSparse)
         ]
+        return rows + [row for row in rank_table(model) if "left_alone" in row]
 
 
 def _deploy(

@@ -15,6 +15,8 @@ for ``freq_lowrank`` and ``lrsd``.
 Stored: two dense factors per factorised layer, A (N x r) as the 1 x 1 conv and B (r x C k^2) as the
 k x k conv, each scaled by the square root of the singular values; the bias stays on the 1 x 1 conv.
 Layers whose factorisation would not save parameters stay dense (with a ``CompressionWarning``).
+A grouped conv is factorised per group (each group's matrix at the same rank r), deployed as two
+grouped convs; depthwise convs stay dense (noted in the layer table).
 
 Reconstructions: none of substance; the exact recipe (one-shot SVD, no data) is the textbook one.
 The rank allocation rules are this harness's choices.
@@ -34,9 +36,11 @@ from methods._lowrank import (
     allocate_ranks,
     build_lowrank,
     factorisable_layers,
+    group_matrices,
+    note_unfactorised,
     rank_table,
     set_module,
-    weight_matrix,
+    unfactorised_layers,
 )
 from methods.base import (
     CalibData,
@@ -75,11 +79,13 @@ class SVD(CompressionMethod):
     def compress(
         self, model: nn.Module, target: Target, data: CalibData, finetune: Finetune
     ) -> nn.Module:
-        layers = factorisable_layers(model, include_linear=self.include_linear)
-        # float64 SVD: exact control; these matrices are at most a few thousand wide (< 1 s each)
+        layers = factorisable_layers(model, include_linear=self.include_linear, grouped=True)
+        left = unfactorised_layers(model, layers, self.name)
+        # float64 SVD (batched over a grouped conv's groups): exact control; these matrices are at
+        # most a few thousand wide (< 1 s each)
         decompositions = [
             torch.linalg.svd(
-                weight_matrix(model.get_submodule(layer.name)).double(), full_matrices=False
+                group_matrices(model.get_submodule(layer.name)).double(), full_matrices=False
             )
             for layer in layers
         ]
@@ -88,20 +94,24 @@ class SVD(CompressionMethod):
             count_params(model),
             target,
             allocation=self.allocation,
-            spectra=[s for _, s, _ in decompositions],
+            spectra=[s.square().mean(0).sqrt() for _, s, _ in decompositions],
             method=self.name,
+            unfactorised=left,
         )
         for layer, rank, (u, s, vh) in zip(layers, plan.ranks, decompositions):
             if rank is None:
                 continue
             module = model.get_submodule(layer.name)
-            root = s[:rank].sqrt()
+            root = s[:, :rank].sqrt()
             dtype = module.weight.dtype
-            a = (u[:, :rank] * root).to(dtype)
-            b = (root.unsqueeze(1) * vh[:rank]).to(dtype)
+            a = (u[:, :, :rank] * root.unsqueeze(1)).to(dtype)
+            b = (root.unsqueeze(2) * vh[:, :rank]).to(dtype)
+            if layer.groups == 1:
+                a, b = a[0], b[0]
             set_module(model, layer.name, build_lowrank(module, a, b))
+        note_unfactorised(model, left)
         return model
 
     def layer_table(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Rank of every factorised layer."""
+        """Rank of every factorised layer; why each depthwise conv stayed dense."""
         return rank_table(model)

@@ -15,9 +15,13 @@ from methods._lowrank import (
     balance,
     build_lowrank,
     factorisable_layers,
+    group_matrices,
+    note_unfactorised,
+    rank_table,
     set_module,
     solve_fraction,
     truncated_svd,
+    unfactorised_layers,
     weight_matrix,
 )
 from methods._modules import modules_in_run_order
@@ -169,3 +173,27 @@ def test_layer_rates_set_ranks_and_warn_when_clamped_or_dense():
     assert plan.ranks == (1, None) and plan.clamped == ("a",) and plan.dense == ("b",)
     with pytest.raises(MethodConfigError, match="2 factorisable layers"):
         allocate_ranks(layers, 10_000, Target(layer_rates=(0.5,)))
+
+
+def test_a_grouped_conv_factorises_per_group_into_two_grouped_convs():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 9, 3, padding=1, groups=3)  # 3 groups of 3 x (2 * 9)
+    layers = factorisable_layers(nn.Sequential(conv), grouped=True)
+    assert layers == [LayerInfo("0", "conv", 3, 18, 3)]
+    assert layers[0].dense_params == conv.weight.numel() and layers[0].lowrank_params(2) == 126
+    assert factorisable_layers(nn.Sequential(conv)) == []  # grouped=False: left out
+    u, s, vh = torch.linalg.svd(group_matrices(conv), full_matrices=False)
+    a, b = u * s.unsqueeze(1), vh  # full rank 3 per group: exact
+    factorised = build_lowrank(conv, a, b)
+    assert factorised.rank == 3 and factorised.groups == 3
+    x = torch.randn(2, 6, 8, 8)
+    torch.testing.assert_close(factorised(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_convs_are_left_alone_with_the_reason_in_the_table():
+    model = _Swapped()
+    layers = factorisable_layers(model, grouped=True)
+    left = unfactorised_layers(model, layers, "svd")
+    assert [(item.name, item.kind) for item in left] == [("depthwise", "depthwise")]
+    note_unfactorised(model, left)
+    assert rank_table(model) == [{"layer": "depthwise", "left_alone": left[0].reason}]

@@ -134,16 +134,25 @@ def test_prunable_convs_in_forward_order_without_the_last_conv():
     assert names == ["early.0.0", "early.1.0", "late.0.0"]
 
 
-def test_prunable_convs_skip_residual_coupled_and_grouped_convs():
+def test_prunable_convs_skip_residual_coupled_convs():
     model = dense(TinyResNet)
     assert [n for n, _ in prunable_convs(model, example_input(model, SHAPE))] == [
         "block1.conv1",
         "block2.conv1",
     ]
+
+
+def test_grouped_convs_are_units_pruned_in_channel_blocks():
     grouped = nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 4, 1)
     )
-    assert [n for n, _ in prunable_convs(grouped, torch.zeros(1, *SHAPE))] == ["0"]
+    units = structured.prunable_units(grouped, torch.zeros(1, *SHAPE))
+    # conv 0 feeds the grouped conv's inputs, conv 2 is grouped: both shrink in 2 blocks of 4
+    assert [(u.name, u.channel_groups, u.items) for u in units] == [("0", 2, 4), ("2", 2, 4)]
+    assert units[0].channels([1, 3]) == [1, 3, 5, 7]
+    torch.testing.assert_close(
+        units[0].item_scores(torch.arange(8.0)), torch.tensor([2.0, 3.0, 4.0, 5.0])
+    )
 
 
 def test_prunable_convs_of_the_papers_models():
@@ -372,7 +381,7 @@ def test_methods_are_registered_with_their_families():
     assert all(methods.get_method_class(n).structured for n in STRUCTURED)
 
 
-def _fake_params(model, example, names, counts, *, graph=None):
+def _fake_params(model, example, names, counts, *, graph=None, channel_groups=None):
     """Parameter arithmetic standing in for real surgery: a wide layer 0, a cheap layer 1."""
     return 1000 * counts[0] + 30 * counts[1] + 100
 

@@ -117,7 +117,9 @@ def test_solve_ratio_traces_once_and_matches_tracing_every_probe(
     monkeypatch.setattr(
         structured,
         "params_after",
-        lambda model, example, names, counts, graph: params_after(model, example, names, counts),
+        lambda model, example, names, counts, graph, channel_groups: params_after(
+            model, example, names, counts, channel_groups=channel_groups
+        ),
     )
     slow = solve_ratio(model, example, names, scores, target, allocation=allocation, method="x")
     assert len(traces) > 5
