@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.paths import default_tracking_uri, results_dir
-from reports._common import inside, mask_credentials, safe_name
+from reports._common import atomic_path, inside, mask_credentials, safe_name
 from reports.aggregate import groups, summarize
 from reports.html import GroupPage, render_page
 from reports.load import load_study
@@ -64,8 +64,8 @@ def default_out(study: str) -> Path:
 
 
 def _write(path: Path, text: str, written: list[Path]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8", newline="\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
     written.append(path)
 
 

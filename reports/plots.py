@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reports._common import TIMES, family_key, pareto_key, ratio_key
+from reports._common import TIMES, atomic_path, family_key, pareto_key, ratio_key
 
 __all__ = ["AXES", "pareto_figure", "pareto_front", "point_label", "save_figure"]
 
@@ -163,6 +163,7 @@ def save_figure(
             path = stem.with_name(f"{stem.name}.{fmt}")
             # No date, no version string: the same data must give the same bytes.
             metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
-            fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
             paths.append(path)
     return paths

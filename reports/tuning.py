@@ -23,7 +23,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from bench.paths import default_storage
-from reports._common import TIMES, family_key, inside, mask_credentials, one_line, ratio_key
+from reports._common import (
+    TIMES,
+    atomic_path,
+    family_key,
+    inside,
+    mask_credentials,
+    one_line,
+    ratio_key,
+)
 from reports.aggregate import RUN_KEY, latest_per_key, with_tags
 from reports.load import StudyRuns, sqlite_path
 from reports.plots import save_figure
@@ -200,7 +208,8 @@ def _draw(study: optuna.Study, title: str, folder: Path) -> tuple[list[Path], li
     if note:
         notes.append(note)
         files.append(folder / "importance.txt")
-        files[-1].write_text(note + "\n", encoding="utf-8")
+        with atomic_path(files[-1]) as tmp:
+            tmp.write_text(note + "\n", encoding="utf-8")
     return files, notes
 
 

@@ -375,6 +375,24 @@ def test_regenerating_gives_byte_identical_files(store, cli_report, tmp_path):
         assert (first / name).read_bytes() == (again.out / name).read_bytes(), name
 
 
+def test_a_write_that_fails_midway_leaves_the_old_report_whole(store, cli_report, monkeypatch):
+    """A full disk (or a kill) while the report is regenerated: every file already there stays as
+    it was, and no temp file is left (files are written beside their place, then moved in)."""
+    first, _ = cli_report
+    before = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    real = Path.write_text
+
+    def half_then_full(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        build_report(fake.STUDY, tracking_uri=store[0], out=first)
+    after = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    assert after == before
+
+
 # ------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     ("study", "uri", "message"),
