@@ -53,9 +53,9 @@ def target_miss(target: Target, achieved: float) -> str | None:
         if achieved > 1.0:
             return None
         return f"layer rates {target.label} compress nothing: params ratio {achieved:.3f}x"
-    if abs(achieved / target.ratio - 1.0) <= target.tolerance + 1e-9:
+    low, high = target.bounds()
+    if low - 1e-9 <= achieved <= high + 1e-9:
         return None
-    low, high = (target.ratio * (1 + s * target.tolerance) for s in (-1, 1))
     return (
         f"achieved params ratio {achieved:.3f}x misses the target {target.label}x "
         f"(allowed {low:.3f}x to {high:.3f}x: {target.tolerance:.0%} tolerance)"

@@ -7,10 +7,12 @@ Everything goes under one results folder, ``./results`` unless ``FREQBENCH_RESUL
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["default_storage", "default_tracking_uri", "results_dir", "sqlite_uri"]
+__all__ = ["atomic_path", "default_storage", "default_tracking_uri", "results_dir", "sqlite_uri"]
 
 
 def results_dir() -> Path:
@@ -31,3 +33,19 @@ def default_tracking_uri() -> str:
 def default_storage() -> str:
     """The Optuna storage URL: ``FREQBENCH_OPTUNA_STORAGE`` or ``sqlite:///<results>/optuna.db``."""
     return os.environ.get("FREQBENCH_OPTUNA_STORAGE") or sqlite_uri(results_dir() / "optuna.db")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path`` to write to; moved onto ``path`` when the block ends without
+    error, removed otherwise: a kill or a full disk while it is written leaves the file as it was
+    (or absent), never half-written. The temp file names its pid (``.<name>.<pid>.tmp``): what a
+    killed process left is found by ``bench.stores.remove_leftovers``. Checkpoints, reports and
+    the timm-name cache are written through it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

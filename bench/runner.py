@@ -24,7 +24,7 @@ from bench.compressed import run_body
 from bench.data import Splits, load_splits
 from bench.dataset_info import DatasetInfo, dataset_info
 from bench.models import create_model
-from bench.paths import results_dir
+from bench.paths import atomic_path, results_dir
 from bench.runs import Baseline, BaselineSpec, RunResult, RunSpec
 from bench.stores import remove_leftovers
 from bench.study import Study
@@ -232,13 +232,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
     own writer says only "unexpected pos")."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path, "tmp")  # a killed process's temp file (it names its pid)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())

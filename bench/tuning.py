@@ -252,7 +252,7 @@ class Tuner:
         # > 0: outside the target's band, either side (the finals' check, bench.compressed)
         miss = 0.0
         if target.ratio:
-            low, high = (target.ratio * (1 + s * target.tolerance) for s in (-1, 1))
+            low, high = target.bounds()
             miss = max(low - achieved, achieved - high)
         trial.set_constraint(_CONSTRAINT, miss)
         values = [m["val_top1"], m["macs"]] if pareto else m["val_top1"]

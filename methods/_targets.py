@@ -100,6 +100,13 @@ class Target:
         except ValueError:
             return cls(layer_rates=parse_layer_rates(text))
 
+    def bounds(self) -> tuple[float, float]:
+        """(lowest, highest) achieved params ratio that meets this ratio target (its tolerance
+        either side): what the finals' check and the tuning constraint both hold a run to."""
+        if self.ratio is None:
+            raise MethodConfigError("layer rates set no ratio: they have no bounds")
+        return self.ratio * (1 - self.tolerance), self.ratio * (1 + self.tolerance)
+
     def check_layer_count(self, n_layers: int, what: str = "prunable layers") -> None:
         """Raise a one-line error when per-layer rates do not match the model's layer count."""
         if self.layer_rates is not None and len(self.layer_rates) != n_layers:

@@ -1,21 +1,16 @@
-"""Small shared pieces: the one-line error, safe file names from run data, sort orders, and the
-one way report files are written (whole or not at all)."""
+"""Small shared pieces: the one-line error, safe file names from run data, sort orders."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
     "FAMILY_ORDER",
     "TIMES",
     "ReportError",
-    "atomic_path",
     "family_key",
     "inside",
     "mask_credentials",
@@ -40,20 +35,6 @@ class ReportError(Exception):
 
     The message is one line; the CLI prints it and exits with code 2.
     """
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temp path beside ``path`` to write to; moved onto ``path`` when the block ends without
-    error, removed otherwise: a kill or a full disk while a report is written leaves the file
-    as it was (or absent), never half-written (the sweep's checkpoints do the same)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def safe_name(text: str) -> str:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.paths import default_tracking_uri, results_dir
-from reports._common import atomic_path, inside, mask_credentials, safe_name
+from bench.paths import atomic_path, default_tracking_uri, results_dir
+from reports._common import inside, mask_credentials, safe_name
 from reports.aggregate import groups, summarize
 from reports.html import GroupPage, render_page
 from reports.load import load_study

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reports._common import TIMES, atomic_path, family_key, pareto_key, ratio_key
+from bench.paths import atomic_path
+from reports._common import TIMES, family_key, pareto_key, ratio_key
 
 __all__ = ["AXES", "pareto_figure", "pareto_front", "point_label", "save_figure"]
 

@@ -22,10 +22,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from bench.paths import default_storage
+from bench.paths import atomic_path, default_storage
 from reports._common import (
     TIMES,
-    atomic_path,
     family_key,
     inside,
     mask_credentials,
