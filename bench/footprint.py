@@ -61,14 +61,15 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def deployable(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` as it would be deployed: eval mode, every parametrisation baked in.
+    """A copy of ``model`` as it would be deployed (``bench.deploy.deploy`` without measured
+    choices): eval mode, every parametrisation baked in.
 
     A masked weight becomes a plain tensor with zeros (what a dense runtime executes); timing the
     parametrisation's ``weight * mask`` on every call would charge the method for bookkeeping.
     """
-    from methods._masks import bake_parametrizations
+    from bench.deploy import deploy
 
-    return bake_parametrizations(copy.deepcopy(model)).eval()
+    return deploy(model).model
 
 
 def _timer(model, input_shape, batch_size, threads, channels_last):
