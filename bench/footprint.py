@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any
