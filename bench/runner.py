@@ -108,6 +108,28 @@ class Sweep:
             width=self.study.width,
         )
 
+    @property
+    def latency_device(self) -> str:
+        """Where latency is timed: ``latency.device``, else the training device."""
+        return self.study.latency.device or str(self.device)
+
+    def latency_cases(self, trial: bool = False) -> list[footprint.LatencyCase]:
+        """The study's latency cases, the headline first; a tuning trial's: the headline only."""
+        lat = self.study.latency
+        cases = footprint.latency_cases(self.latency_device, lat.batch_sizes, lat.backends)
+        return cases[:1] if trial else cases
+
+    def latency_tags(self) -> dict[str, str]:
+        """What the headline ``latency_ms`` and ``speedup`` were measured on (reports say it)."""
+        head, lat = self.latency_cases()[0], self.study.latency
+        return {
+            "latency_device": head.device,
+            "latency_backend": head.backend,
+            "latency_batch": str(head.batch_size),
+            "latency_threads": str(lat.threads),
+            "latency_cases": ",".join(c.key for c in self.latency_cases()),
+        }
+
     def topk(self) -> tuple[int, ...]:
         """Top-k accuracies measured on test: top-5 too where there are more than 10 classes."""
         return (1, 5) if self.info.num_classes > 10 else (1,)
@@ -123,7 +145,7 @@ class Sweep:
             self.input_shape,
             stored=stored,
             latency=latency,
-            batch_size=lat.batch_size,
+            batch_size=lat.batch_sizes[0],
             threads=lat.threads,
             min_run_time=lat.min_run_time,
         )
