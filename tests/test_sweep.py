@@ -420,18 +420,18 @@ def test_what_counts_as_out_of_memory():
 @pytest.mark.parametrize("trials", [0, 2])
 def test_out_of_memory_stops_the_sweep_with_what_to_lower(results, capsys, monkeypatch, trials):
     """Memory running out in the latency timing of the first (method, ratio), a final or a
-    trial: one line naming latency.batch_size, exit 1, the runs FAILED with the reason, and no
+    trial: one line naming latency.batch_sizes, exit 1, the runs FAILED with the reason, and no
     further run (magnitude never starts; no second trial)."""
     import optuna
 
     import bench.footprint
 
-    monkeypatch.setattr(bench.footprint, "compare_latency", _allocate_too_much)
+    monkeypatch.setattr(bench.footprint, "compare_latencies", _allocate_too_much)
     assert sweep(*FAST, "--trials", str(trials)) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if " INFO mlflow" not in ln]
     assert len(err) == 1, err
     assert "out of memory in l1_filter @ 2" in err[0]
-    assert "lower latency.batch_size (now 8)" in err[0]
+    assert "lower latency.batch_sizes (now [8])" in err[0]
     _, all_runs = runs()
     compressed = [r for r in all_runs if r.data.tags["stage"] != "baseline"]
     assert {r.data.tags["method"] for r in compressed} == {"l1_filter"}
