@@ -236,9 +236,7 @@ def evaluate_after_finetuning(sweep: Sweep, spec: RunSpec, model: nn.Module) -> 
     return out
 
 
-def measure(
-    sweep: Sweep, spec: RunSpec, base: Baseline, model: nn.Module
-) -> dict[str, float]:
+def measure(sweep: Sweep, spec: RunSpec, base: Baseline, model: nn.Module) -> dict[str, float]:
     """Step 5b: params, stored params and MACs of the compressed model; its latency timed
     interleaved with the trained dense baseline's (now, under the same machine state), both
     deployed (``bench.deploy``), on every latency case of the study (device, backend, batch:

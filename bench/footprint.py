@@ -215,7 +215,9 @@ def compare_latencies(
     threads = threads or torch.get_num_threads()
     results = {}
     for case in cases:
-        runners = [_Runner(m, input_shape, case, threads, channels_last) for m in (dense, compressed)]
+        runners = [
+            _Runner(m, input_shape, case, threads, channels_last) for m in (dense, compressed)
+        ]
         samples: list[list[float]] = [[], []]
         for _ in range(rounds):
             for i, runner in enumerate(runners):

@@ -5,9 +5,9 @@ on disk (``--dataset`` only sets the input shape and the number of classes). Pri
 (the papers' "FLOPs"), the measured latency of the dense and compressed model, both deployed
 (``bench.deploy``) and timed interleaved, one row per (backend, device, batch): ``--backends
 torch,onnxruntime``, ``--device cuda``, ``--batch-sizes 1,32`` (the first is the headline), the
-reductions, the speedups and a per-layer table; ``--json`` prints one JSON object instead. Reductions are in
-percent, as in the reports. ``--list`` names what the other options accept: the registered methods
-(family, one-line idea), the models and the datasets.
+reductions, the speedups and a per-layer table; ``--json`` prints one JSON object instead.
+Reductions are in percent, as in the reports. ``--list`` names what the other options accept:
+the registered methods (family, one-line idea), the models and the datasets.
 
 Examples:
     python -m bench.profile --list

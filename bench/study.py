@@ -163,8 +163,6 @@ class DataConfig:
     split_seed: int = 0
 
 
-
-
 @dataclass(frozen=True)
 class LatencyConfig:
     """How latency is measured: the dense baseline and the compressed model, both deployed,

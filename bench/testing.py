@@ -248,7 +248,8 @@ def check_onnx_export(case: ContractCase) -> None:
         sess = onnx_deploy.session(onnx_deploy.export(deployed, shape), threads=1)
         onnx_deploy.check(deployed, sess, shape, batch_size=3)
     except Exception as err:  # the exporter and ONNX Runtime raise many types
-        raise AssertionError(f"{case.method}: ONNX export: {' '.join(str(err).split())[:300]}")
+        what = " ".join(str(err).split())[:300]
+        raise AssertionError(f"{case.method}: ONNX export: {what}") from None
 
 
 def _contains(dist: BaseDistribution, value) -> bool:

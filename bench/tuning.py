@@ -7,7 +7,8 @@ epoch, so the pruner stops hopeless trials (sampler and pruner by name: ``bench.
 objective is validation accuracy subject to the achieved params ratio meeting the target
 (``trial.set_constraint``); ``mode: pareto`` maximises accuracy and minimises MACs with NSGA-II
 instead, or, with ``objectives: [val_top1, latency]``, maximises the measured speedup of the
-trial's deployed model (timed briefly, interleaved with the dense baseline). The test split is never used here.
+trial's deployed model (timed briefly, interleaved with the dense baseline). The test split is
+never used here.
 
 The first trial of a new study runs the method's defaults (``tuning.defaults_first``), so the
 tuned configuration is never below the defaults on validation; a defaults trial whose process

@@ -43,7 +43,7 @@ def for_export(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     if hasattr(model, "dense_equivalent"):
         return model.dense_equivalent()
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if hasattr(child, "dense_equivalent"):
                 setattr(module, child_name, child.dense_equivalent())
