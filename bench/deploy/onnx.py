@@ -25,10 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ATOL", "OPSET", "OnnxMismatch", "check", "export", "for_export", "session"]
+__all__ = ["ATOL", "OPSET", "RTOL", "OnnxMismatch", "check", "export", "for_export", "session"]
 
 OPSET = 18  # pinned: a newer torch must not change the graph a latency was measured on
-ATOL = 1e-4  # max |ONNX Runtime - PyTorch| over the outputs (float32, eval mode)
+# |ONNX Runtime - PyTorch| <= ATOL + RTOL * |PyTorch| for every output (float32, eval mode): the
+# contract's deployed-outputs tolerance (torch.allclose); a deep random-init net's logits reach
+# the hundreds, where float32 reordering alone leaves more than 1e-4 absolute
+ATOL = RTOL = 1e-4
 
 
 class OnnxMismatch(RuntimeError):
@@ -99,7 +102,7 @@ def session(onnx_bytes: bytes, threads: int):
 @torch.no_grad()
 def check(model: nn.Module, sess, input_shape: tuple[int, ...], batch_size: int = 2) -> float:
     """Max |ONNX Runtime - PyTorch| of the outputs on a random batch; raises
-    :class:`OnnxMismatch` above :data:`ATOL`."""
+    :class:`OnnxMismatch` where an output differs by more than ``ATOL + RTOL * |PyTorch|``."""
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -110,10 +113,11 @@ def check(model: nn.Module, sess, input_shape: tuple[int, ...], batch_size: int 
             f"ONNX export of {type(model).__name__}: output shape {got.shape}, PyTorch "
             f"{expected.shape}"
         )
-    err = float(np.abs(got - expected).max()) if got.size else 0.0
-    if not err <= ATOL:  # NaN fails too
+    diff = np.abs(got - expected)
+    err = float(diff.max()) if got.size else 0.0
+    if not np.all(diff <= ATOL + RTOL * np.abs(expected)):  # NaN fails too
         raise OnnxMismatch(
             f"ONNX export of {type(model).__name__} differs from PyTorch by {err:.3g} "
-            f"(allowed {ATOL:g}, opset {OPSET})"
+            f"(allowed {ATOL:g} + {RTOL:g} x |output|, opset {OPSET})"
         )
     return err
