@@ -2,6 +2,7 @@
 and its check against PyTorch, the timer chosen per device, and bench.profile's options."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,45 @@ def test_profile_bad_latency_options(capsys, extra, message):
     assert profile([*SMALL, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ in a sweep
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
+def test_a_run_times_the_trained_baseline_on_every_case(results, monkeypatch):
+    """The dense model timed beside a compressed one is the trained baseline (the checkpoint's
+    weights), not a fresh init; a final times every case, ONNX Runtime included."""
+    from mlflow.tracking import MlflowClient
+
+    from bench.paths import default_tracking_uri
+    from bench.sweep import main as sweep_main
+
+    seen = []
+    real = footprint.compare_latencies
+
+    def spy(dense, compressed, *args, **kwargs):
+        seen.append({k: v.detach().cpu().clone() for k, v in dense.state_dict().items()})
+        return real(dense, compressed, *args, **kwargs)
+
+    monkeypatch.setattr(footprint, "compare_latencies", spy)
+    args = ["--study", "smoke", "--set", "methods=[l1_filter]", "--no-preflight"]
+    args += ["--set", "latency.min_run_time=0.01", "--set", "latency.batch_sizes=[8, 1]"]
+    args += ["--set", "latency.backends=[onnxruntime, torch]"]
+    assert main_guard(sweep_main, "bench.sweep")(args) == 0
+    (ckpt,) = (results / "checkpoints").glob("*.pt")
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert len(seen) == 1 and seen[0].keys() == trained.keys()
+    assert all(torch.equal(seen[0][k], trained[k]) for k in trained)
+    client = MlflowClient(default_tracking_uri())
+    exp = client.get_experiment_by_name("smoke")
+    (final,) = client.search_runs([exp.experiment_id], "tags.stage = 'final'")
+    m, tags = final.data.metrics, final.data.tags
+    keys = ["onnxruntime.cpu.b8", "onnxruntime.cpu.b1", "torch.cpu.b8", "torch.cpu.b1"]
+    assert tags["latency_cases"] == ",".join(keys) and tags["latency_backend"] == "onnxruntime"
+    assert m["speedup"] == m["speedup.onnxruntime.cpu.b8"]
+    for key in keys:
+        assert m[f"speedup.{key}"] == pytest.approx(
+            m[f"dense_latency_ms.{key}"] / m[f"latency_ms.{key}"]
+        )

@@ -85,8 +85,19 @@ def test_sweep_logs_every_run(smoke_results, monkeypatch):
             "macs_ratio",
             "speedup",
             "baseline_test_top1",
+            "dense_latency_ms",
+            "speedup.torch.cpu.b8",  # one per latency case: backend, device, batch
         ):
             assert key in m, key
+        assert m["speedup.torch.cpu.b8"] == m["speedup"]  # smoke's only case is the headline
+        latency = {k: tags[k] for k in tags if k.startswith("latency_")}
+        assert latency == {
+            "latency_device": "cpu",
+            "latency_backend": "torch",
+            "latency_batch": "8",
+            "latency_threads": "1",
+            "latency_cases": "torch.cpu.b8",
+        }
         assert abs(m["params_ratio"] / 2 - 1) <= 0.02
         # BatchNorm re-estimated after compression (default 20 batches), the raw number kept
         assert run.data.params["bn_recalibration_batches"] == "20" and "val_top1_pre_bn" in m
