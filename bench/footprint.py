@@ -306,6 +306,8 @@ def measure(
     batch_size: int = 32,
     threads: int | None = None,
     min_run_time: float = 0.5,
+    device: str = "cpu",
+    backend: str = "torch",
 ) -> Footprint:
     """Params, stored params, MACs and (optionally) latency of ``model``.
 
@@ -324,6 +326,8 @@ def measure(
                 batch_size=batch_size,
                 threads=threads,
                 min_run_time=min_run_time,
+                device=device,
+                backend=backend,
             )
             if latency
             else None

@@ -137,21 +137,24 @@ class Sweep:
     def measure(
         self, model: nn.Module, stored: int | None, latency: bool = True
     ) -> footprint.Footprint:
-        """Params, MACs (and latency) of a copy of ``model`` on CPU, under the study's settings."""
-        lat = self.study.latency
+        """Params, MACs (and latency: the headline case) of a copy of ``model``, under the
+        study's settings."""
+        lat, head = self.study.latency, self.latency_cases()[0]
         model = copy.deepcopy(model).cpu().eval()
         return footprint.measure(
             model,
             self.input_shape,
             stored=stored,
             latency=latency,
-            batch_size=lat.batch_sizes[0],
+            batch_size=head.batch_size,
+            device=head.device,
+            backend=head.backend,
             threads=lat.threads,
             min_run_time=lat.min_run_time,
         )
 
     def dense_footprint(self) -> footprint.Footprint:
-        """Params, MACs and latency of the dense model (measured once per process, on CPU)."""
+        """Params, MACs and headline latency of the dense model (measured once per process)."""
         if self._dense_fp is None:
             self._dense_fp = self.measure(self.new_model(), None)
         return self._dense_fp
