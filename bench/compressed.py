@@ -115,7 +115,7 @@ def run_body(
     handle.log_metrics(metrics)
     finetune(sweep, spec, method, model, handle, on_epoch)
     metrics |= evaluate_after_finetuning(sweep, spec, model)
-    metrics |= measure(sweep, method, model)
+    metrics |= measure(sweep, spec, base, model)
     metrics["epochs_total"] = inner.epochs + spec.finetune_epochs
     metrics["wall_time_s"] = time.perf_counter() - t0
     log(sweep, spec, method, model, handle, metrics)
@@ -236,31 +236,35 @@ def evaluate_after_finetuning(sweep: Sweep, spec: RunSpec, model: nn.Module) -> 
     return out
 
 
-def measure(sweep: Sweep, method: CompressionMethod, model: nn.Module) -> dict[str, float]:
-    """Step 5b: params, stored params and MACs of the compressed model, its latency timed
-    interleaved with the dense model's (now, under the same machine state), and the ratios."""
+def measure(sweep: Sweep, spec: RunSpec, base: Baseline, model: nn.Module) -> dict[str, float]:
+    """Step 5b: params, stored params and MACs of the compressed model; its latency timed
+    interleaved with the trained dense baseline's (now, under the same machine state), both
+    deployed (``bench.deploy``), on every latency case of the study (device, backend, batch:
+    ``bench.footprint.latency_metrics`` names the metrics); and the ratios.
+
+    A tuning trial times the headline case only, briefly (a tenth of ``min_run_time``, at most
+    0.1 s: enough to rank trials by speedup with ``tuning.objectives: [val_top1, latency]``)."""
     dense = sweep.dense_footprint()
     fp = sweep.measure(model, stored_params(model), latency=False)
     lat = sweep.study.latency
-    dense_ms, compressed_ms = footprint.compare_latency(
-        sweep.new_model(),
-        copy.deepcopy(model).cpu(),
+    trial = not spec.final_stage
+    results = footprint.compare_latencies(
+        sweep.load_baseline(base),
+        model,
         sweep.input_shape,
-        batch_size=lat.batch_size,
+        sweep.latency_cases(trial=trial),
         threads=lat.threads,
-        min_run_time=2 * lat.min_run_time,
+        min_run_time=min(0.1, lat.min_run_time / 10) if trial else 2 * lat.min_run_time,
     )
     return {
         "params": fp.params,
         "stored_params": fp.stored_params,
         "macs": fp.macs,
-        "latency_ms": compressed_ms,
         "dense_params": dense.params,
         "dense_macs": dense.macs,
-        "dense_latency_ms": dense_ms,
         "params_ratio": dense.params / fp.stored_params,
         "macs_ratio": dense.macs / fp.macs,
-        "speedup": dense_ms / compressed_ms,
+        **footprint.latency_metrics(results),
     }
 
 
@@ -274,6 +278,7 @@ def log(
 ) -> None:
     """Step 6: the metrics, the per-layer table, the study and (for a final) the state dict."""
     handle.log_metrics(metrics)
+    handle.set_tags(sweep.latency_tags())
     rows = footprint.layer_table(copy.deepcopy(model).cpu(), sweep.input_shape, method)
     handle.log_rows(rows, "layers.csv")
     handle.log_text(sweep.study.to_yaml(), "study.yaml")

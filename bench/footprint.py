@@ -5,12 +5,16 @@
 - MACs: multiply-accumulates of one forward pass of one image, from torch's own
   ``FlopCounterMode`` (it reports FLOPs = 2 x MACs). It counts what really executes, custom modules
   included; masked weights cost their dense MACs.
-- latency: median wall time of a forward pass of a batch, after warm-up, with a fixed thread count,
-  via ``torch.utils.benchmark.Timer``; speedup = dense / compressed.
+- latency: median wall time of a forward pass of a batch of the deployed model
+  (``bench.deploy.deploy``), after warm-up, with a fixed thread count, per :class:`LatencyCase`
+  (backend, device, batch): ``torch`` on CPU via ``torch.utils.benchmark.Timer`` (channels_last),
+  on CUDA by CUDA events after synchronisation; ``onnxruntime`` by the same Timer around an ONNX
+  Runtime CPU session (``bench.deploy.onnx``). speedup = dense / compressed, timed interleaved.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,15 +31,21 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from methods.base import count_params, stored_params  # noqa: E402
 
 __all__ = [
+    "BACKENDS",
     "Footprint",
+    "LatencyCase",
+    "compare_latencies",
     "compare_latency",
     "count_macs",
     "count_params",
     "deployable",
+    "latency_cases",
+    "latency_metrics",
     "layer_table",
     "measure",
     "measure_latency",
     "stored_params",
+    "timer_kind",
 ]
 
 
@@ -71,15 +81,149 @@ def deployable(model: nn.Module) -> nn.Module:
     return deploy(model).model
 
 
-def _timer(model, input_shape, batch_size, threads, channels_last):
-    model = deployable(model)
-    x = _example(model, input_shape, batch_size)
-    if channels_last and x.dim() == 4:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    for _ in range(3):  # warm-up: allocator, oneDNN primitive caches
-        model(x)
-    return Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+BACKENDS = ("torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class LatencyCase:
+    """One latency measurement setting: a backend on a device at a batch size.
+
+    ``onnxruntime`` runs ONNX Runtime's CPU session, so its device is always "cpu".
+    """
+
+    backend: str = "torch"
+    device: str = "cpu"
+    batch_size: int = 32
+
+    @property
+    def key(self) -> str:
+        """``backend.device.bBATCH``, e.g. ``onnxruntime.cpu.b1`` (MLflow-safe: "cuda:1" is
+        written "cuda1")."""
+        return f"{self.backend}.{self.device.replace(':', '')}.b{self.batch_size}"
+
+
+def latency_cases(
+    device: str, batch_sizes: tuple[int, ...], backends: tuple[str, ...]
+) -> list[LatencyCase]:
+    """Every (backend, batch) on ``device``, the headline (first backend, first batch) first."""
+    cases = []
+    for backend in backends:
+        on = "cpu" if backend == "onnxruntime" else device
+        cases += [LatencyCase(backend, on, b) for b in batch_sizes]
+    return list(dict.fromkeys(cases))
+
+
+def latency_metrics(results: dict[LatencyCase, tuple[float, float]]) -> dict[str, float]:
+    """Metrics of :func:`compare_latencies`' results: ``latency_ms``, ``dense_latency_ms`` and
+    ``speedup`` of the headline (the first case) and the same three suffixed with each case's
+    :attr:`LatencyCase.key` (``speedup.onnxruntime.cpu.b1``)."""
+    out: dict[str, float] = {}
+    for i, (case, (dense_ms, compressed_ms)) in enumerate(results.items()):
+        values = {
+            "latency_ms": compressed_ms,
+            "dense_latency_ms": dense_ms,
+            "speedup": dense_ms / compressed_ms,
+        }
+        if i == 0:
+            out |= values
+        out |= {f"{name}.{case.key}": v for name, v in values.items()}
+    return out
+
+
+def timer_kind(case: LatencyCase) -> str:
+    """How ``case`` is timed: "cuda-events" (the torch backend on a CUDA device: kernels run
+    asynchronously, so wall time around a call would measure the launch) or "benchmark-timer"
+    (``torch.utils.benchmark.Timer``: CPU torch, and ONNX Runtime's CPU session)."""
+    if case.backend == "torch" and torch.device(case.device).type == "cuda":
+        return "cuda-events"
+    return "benchmark-timer"
+
+
+def _cuda_samples(fn, min_run_time: float, device: torch.device) -> list[float]:
+    """Seconds per call of ``fn`` on ``device``, by CUDA events after synchronisation: at least
+    10 calls, and until ``min_run_time`` seconds are measured."""
+    times: list[float] = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    while len(times) < 10 or sum(times) < min_run_time:
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)  # elapsed_time is in ms
+    return times
+
+
+class _Runner:
+    """One deployed model ready to time on one case; :meth:`samples` returns seconds per call."""
+
+    def __init__(self, model, input_shape, case: LatencyCase, threads: int, channels_last: bool):
+        from bench.deploy import Timing, deploy
+        from bench.deploy import onnx as onnx_deploy
+
+        self.case, self.threads = case, threads
+        device = torch.device(case.device)
+        model = copy.deepcopy(model).to(device).eval()
+        timing = Timing(case.device, case.batch_size, threads)
+        model = deploy(model, input_shape, timing).model
+        x = torch.randn(case.batch_size, *input_shape, device=device)
+        if case.backend == "onnxruntime":
+            sess = onnx_deploy.session(onnx_deploy.export(model, input_shape), threads)
+            onnx_deploy.check(model, sess, input_shape)
+            feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
+            self.fn = lambda: sess.run(None, feed)
+        else:
+            if channels_last and x.dim() == 4:
+                model = model.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            self.fn = lambda: model(x)
+        for _ in range(3):  # warm-up: allocator, oneDNN primitive caches, ORT arenas
+            self.fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def samples(self, min_run_time: float) -> list[float]:
+        if timer_kind(self.case) == "cuda-events":
+            return _cuda_samples(self.fn, min_run_time, torch.device(self.case.device))
+        # torch.utils.benchmark: warm-up, blocks sized to the timer resolution; num_threads sets
+        # torch's threads (ONNX Runtime has its own, set on the session)
+        timer = Timer(stmt="fn()", globals={"fn": self.fn}, num_threads=self.threads)
+        return timer.blocked_autorange(min_run_time=min_run_time).times
+
+
+@torch.no_grad()
+def compare_latencies(
+    dense: nn.Module,
+    compressed: nn.Module,
+    input_shape: tuple[int, ...],
+    cases: list[LatencyCase],
+    *,
+    threads: int | None = None,
+    min_run_time: float = 0.5,
+    rounds: int = 3,
+    channels_last: bool = True,
+) -> dict[LatencyCase, tuple[float, float]]:
+    """(dense ms, compressed ms) per case: medians over ``rounds`` interleaved measurements.
+
+    Both models go through ``bench.deploy.deploy`` for the case's device and batch (the
+    ``onnxruntime`` backend then exports the deployed model to ONNX, checks its outputs
+    against PyTorch to 1e-4, ``bench.deploy.onnx``, and times an ONNX Runtime CPU session with
+    ``threads`` intra-op threads). On CUDA the torch backend times with CUDA events after
+    synchronisation. Interleaving puts both models under the same machine state (frequency,
+    other load), so a speedup is not an artefact of when each was timed.
+    """
+    threads = threads or torch.get_num_threads()
+    results = {}
+    for case in cases:
+        runners = [
+            _Runner(m, input_shape, case, threads, channels_last) for m in (dense, compressed)
+        ]
+        samples: list[list[float]] = [[], []]
+        for _ in range(rounds):
+            for i, runner in enumerate(runners):
+                samples[i] += runner.samples(min_run_time / rounds)
+        results[case] = tuple(float(torch.tensor(s).median()) * 1e3 for s in samples)
+    return results
 
 
 @torch.no_grad()
@@ -91,19 +235,21 @@ def measure_latency(
     threads: int | None = None,
     min_run_time: float = 0.5,
     channels_last: bool = True,
+    device: str = "cpu",
+    backend: str = "torch",
 ) -> float:
-    """Median forward latency in milliseconds of one batch of the deployable model, after warm-up.
+    """Median forward latency in milliseconds of one batch of the deployed model, after warm-up.
 
     ``threads`` defaults to torch's current setting; dense and compressed models must be measured
     with the same value (:func:`compare_latency` does both, interleaved). ``channels_last`` (NHWC)
     is used for 4-D inputs: what a CPU deployment of a conv net runs (15-60 % faster here).
     """
     threads = threads or torch.get_num_threads()
-    timer = _timer(model, input_shape, batch_size, threads, channels_last)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    case = LatencyCase(backend, device, batch_size)
+    runner = _Runner(model, input_shape, case, threads, channels_last)
+    return float(torch.tensor(runner.samples(min_run_time)).median()) * 1e3
 
 
-@torch.no_grad()
 def compare_latency(
     dense: nn.Module,
     compressed: nn.Module,
@@ -114,21 +260,21 @@ def compare_latency(
     min_run_time: float = 0.5,
     rounds: int = 3,
     channels_last: bool = True,
+    device: str = "cpu",
+    backend: str = "torch",
 ) -> tuple[float, float]:
-    """(dense ms, compressed ms): medians over ``rounds`` interleaved measurements of each.
-
-    Interleaving puts both models under the same machine state (frequency, other load), so the
-    speedup is not an artefact of when each was timed.
-    """
-    threads = threads or torch.get_num_threads()
-    timers = [
-        _timer(m, input_shape, batch_size, threads, channels_last) for m in (dense, compressed)
-    ]
-    samples: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for i, timer in enumerate(timers):
-            samples[i] += timer.blocked_autorange(min_run_time=min_run_time / rounds).times
-    return tuple(float(torch.tensor(s).median()) * 1e3 for s in samples)
+    """(dense ms, compressed ms) of one case (:func:`compare_latencies`)."""
+    case = LatencyCase(backend, device, batch_size)
+    return compare_latencies(
+        dense,
+        compressed,
+        input_shape,
+        [case],
+        threads=threads,
+        min_run_time=min_run_time,
+        rounds=rounds,
+        channels_last=channels_last,
+    )[case]
 
 
 @dataclass(frozen=True)
@@ -160,6 +306,8 @@ def measure(
     batch_size: int = 32,
     threads: int | None = None,
     min_run_time: float = 0.5,
+    device: str = "cpu",
+    backend: str = "torch",
 ) -> Footprint:
     """Params, stored params, MACs and (optionally) latency of ``model``.
 
@@ -178,6 +326,8 @@ def measure(
                 batch_size=batch_size,
                 threads=threads,
                 min_run_time=min_run_time,
+                device=device,
+                backend=backend,
             )
             if latency
             else None

@@ -2,10 +2,12 @@
 
 Runs on random weights with synthetic calibration batches and no fine-tuning, so it needs no data
 on disk (``--dataset`` only sets the input shape and the number of classes). Prints params, MACs
-(the papers' "FLOPs"), measured CPU latency of the dense and compressed model, the reductions, the
-speedup and a per-layer table; ``--json`` prints one JSON object instead. Reductions are in
-percent, as in the reports. ``--list`` names what the other options accept: the registered methods
-(family, one-line idea), the models and the datasets.
+(the papers' "FLOPs"), the measured latency of the dense and compressed model, both deployed
+(``bench.deploy``) and timed interleaved, one row per (backend, device, batch): ``--backends
+torch,onnxruntime``, ``--device cuda``, ``--batch-sizes 1,32`` (the first is the headline), the
+reductions, the speedups and a per-layer table; ``--json`` prints one JSON object instead.
+Reductions are in percent, as in the reports. ``--list`` names what the other options accept:
+the registered methods (family, one-line idea), the models and the datasets.
 
 Examples:
     python -m bench.profile --list
@@ -13,6 +15,8 @@ Examples:
     python -m bench.profile --model vgg16_bn_cifar --dataset cifar10 --method dct_pruning \\
         --layer-rates "[0.5]*7+[0.95]*5"
     python -m bench.profile --model resnet56_cifar --dataset cifar10 --method svd --ratio 1.5 --json
+    python -m bench.profile --model vgg16_bn_cifar --dataset cifar10 --method svd --ratio 4 \\
+        --backends torch,onnxruntime --batch-sizes 32,1 --threads 2
 """
 
 from __future__ import annotations
@@ -54,7 +58,18 @@ def build_parser() -> ArgumentParser:
         metavar="HP=VALUE",
         help="a method hyperparameter, e.g. --set band=low (repeatable)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="latency batch (default 32)")
+    p.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="latency batches, comma-separated, the first the headline (default 32)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="one latency batch (old spelling)")
+    p.add_argument(
+        "--backends",
+        default="torch",
+        help="latency backends, comma-separated: torch, onnxruntime (default torch)",
+    )
+    p.add_argument("--device", default="cpu", help="latency device of torch: cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="latency threads (default: torch's)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--seed", type=int, default=0)
@@ -120,11 +135,34 @@ def render_catalogue(cat: dict) -> str:
     )
 
 
+def latency_options(args):
+    """``--batch-sizes``/``--batch-size``, ``--backends`` and ``--device`` as a checked
+    ``LatencyConfig`` (the study's latency block: the same rules, the same one-line errors)."""
+    from bench.study import LatencyConfig, StudyError
+
+    try:
+        if args.batch_sizes is not None and args.batch_size is not None:
+            raise UsageError("give --batch-sizes or --batch-size, not both")
+        text = args.batch_sizes if args.batch_size is None else str(args.batch_size)
+        batches = tuple(int(b) for b in (text or "32").split(","))
+        backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+        return LatencyConfig(
+            device=args.device,
+            batch_sizes=batches,
+            backends=backends,
+            threads=1 if args.threads is None else args.threads,
+        )
+    except ValueError as err:  # StudyError is one
+        what = str(err) if isinstance(err, StudyError) else f"a batch is not a number: {err}"
+        raise UsageError(f"latency options: {what}") from None
+
+
 def check_args(args) -> tuple[dict, Target | None]:
     """The usage errors found without torch, timm or the methods (``bench.names``); returns the
     method's hyperparameters (``--set``) and the target (None without ``--method``)."""
     if args.model is None or args.dataset is None:
         raise UsageError("--model and --dataset are needed (python -m bench.profile --list)")
+    latency_options(args)
     dataset_info(args.dataset)
     problem = unknown_model(args.model)
     if problem:
@@ -154,22 +192,41 @@ def profile(args) -> dict:
 
     info = dataset_info(args.dataset)
     shape = (info.in_chans, info.height, info.width)
+    lat = latency_options(args)
+    if lat.device.startswith("cuda") and int(lat.device.partition(":")[2] or 0) >= (
+        torch.cuda.device_count()
+    ):
+        raise UsageError(f"--device {lat.device}: no such CUDA device on this machine")
+    threads = args.threads or torch.get_num_threads()
+    cases = footprint.latency_cases(lat.device, lat.batch_sizes, lat.backends)
     torch.manual_seed(args.seed)
     dense = create_model(
         args.model, num_classes=info.num_classes, in_chans=info.in_chans, width=args.width
     ).eval()
-    kw = {"latency": not args.no_latency, "batch_size": args.batch_size, "threads": args.threads}
     out = {
         "model": args.model,
         "dataset": args.dataset,
         "input_shape": list(shape),
         "num_classes": info.num_classes,
-        "threads": args.threads or torch.get_num_threads(),
-        "batch_size": args.batch_size,
+        "threads": threads,
+        "batch_size": cases[0].batch_size,
+        "device": cases[0].device,
+        "backend": cases[0].backend,
     }
-    fp = footprint.measure(dense, shape, **kw)
+    fp = footprint.measure(dense, shape, latency=False)
     out["dense"] = {**fp.as_dict(), "layers": footprint.layer_table(dense, shape)}
     if target is None:
+        if not args.no_latency:
+            out["latency"] = [
+                {
+                    **dataclasses.asdict(case),
+                    "dense_ms": footprint.measure_latency(
+                        dense, shape, **dataclasses.asdict(case), threads=threads
+                    ),
+                }
+                for case in cases
+            ]
+            out["dense"]["latency_ms"] = out["latency"][0]["dense_ms"]
         return out
     method = create_method(args.method, **hps)
     calib = CalibData.synthetic(shape, info.num_classes, n_batches=2, batch_size=16, seed=args.seed)
@@ -178,14 +235,17 @@ def profile(args) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         compressed = method.compress(copy.deepcopy(dense), target, calib, no_finetune()).eval()
-    cfp = footprint.measure(compressed, shape, **{**kw, "latency": False})
-    if not args.no_latency:  # both models timed again, interleaved, for the speedup
-        dense_ms, compressed_ms = footprint.compare_latency(
-            dense, compressed, shape, batch_size=args.batch_size, threads=args.threads
-        )
-        out["dense"]["latency_ms"] = dense_ms
-        fp = dataclasses.replace(fp, latency_ms=dense_ms)
-        cfp = dataclasses.replace(cfp, latency_ms=compressed_ms)
+    cfp = footprint.measure(compressed, shape, latency=False)
+    if not args.no_latency:  # both models deployed and timed interleaved, per case
+        results = footprint.compare_latencies(dense, compressed, shape, cases, threads=threads)
+        out["latency"] = [
+            {**dataclasses.asdict(case), "dense_ms": d, "compressed_ms": c, "speedup": d / c}
+            for case, (d, c) in results.items()
+        ]
+        head = out["latency"][0]
+        out["dense"]["latency_ms"] = head["dense_ms"]
+        fp = dataclasses.replace(fp, latency_ms=head["dense_ms"])
+        cfp = dataclasses.replace(cfp, latency_ms=head["compressed_ms"])
     layers = footprint.layer_table(compressed, shape, method)
     out["method"] = args.method
     out["hyperparameters"] = method.hyperparameters()
@@ -213,20 +273,23 @@ def render(out: dict) -> str:
 
     lines = [
         f"{out['model']} on {out['dataset']} input {'x'.join(map(str, out['input_shape']))}, "
-        f"{out['num_classes']} classes; latency: batch {out['batch_size']}, "
-        f"{out['threads']} threads, median"
+        f"{out['num_classes']} classes; latency: {out['threads']} threads, median, deployed"
     ]
     d, c = out["dense"], out.get("compressed")
     rows = [
         ["params", _human(d["params"]), c and _human(c["params"])],
         ["stored params", _human(d["stored_params"]), c and _human(c["stored_params"])],
         ["FLOPs (MACs)", _human(d["macs"]), c and _human(c["macs"])],
-        [
-            "latency (ms)",
-            d["latency_ms"] and f"{d['latency_ms']:.2f}",
-            c and c["latency_ms"] and f"{c['latency_ms']:.2f}",
-        ],
     ]
+    for case in out.get("latency", []):  # one row per (backend, device, batch)
+        compressed_ms = case.get("compressed_ms")
+        rows.append(
+            [
+                f"latency (ms) {case['backend']} {case['device']} batch {case['batch_size']}",
+                f"{case['dense_ms']:.2f}",
+                compressed_ms and f"{compressed_ms:.2f}",
+            ]
+        )
     headers = ["", "dense"] + ([f"{out['method']} @ {out['target']}"] if c else [])
     rows = [r[: len(headers)] for r in rows]
     lines.append(tabulate(rows, headers=headers))
@@ -234,8 +297,12 @@ def render(out: dict) -> str:
         lines.append(
             f"params -{out['params_reduction']:.1f}% ({out['params_ratio']:.2f}x), "
             f"MACs -{out['macs_reduction']:.1f}% ({out['macs_ratio']:.2f}x)"
-            + (f", measured speedup {out['speedup']:.2f}x" if "speedup" in out else "")
         )
+        for case in out.get("latency", []):
+            lines.append(
+                f"measured speedup {case['speedup']:.2f}x ({case['backend']} on "
+                f"{case['device']}, batch {case['batch_size']}, {out['threads']} threads)"
+            )
         for w in out["warnings"]:
             lines.append(f"warning: {w}")
     layers = (c or d)["layers"]
@@ -257,4 +324,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main, "bench.profile", "--batch-size (the latency batch) or --width")())
+    sys.exit(main_guard(main, "bench.profile", "--batch-sizes (the latency batches) or --width")())

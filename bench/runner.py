@@ -108,6 +108,28 @@ class Sweep:
             width=self.study.width,
         )
 
+    @property
+    def latency_device(self) -> str:
+        """Where latency is timed: ``latency.device``, else the training device."""
+        return self.study.latency.device or str(self.device)
+
+    def latency_cases(self, trial: bool = False) -> list[footprint.LatencyCase]:
+        """The study's latency cases, the headline first; a tuning trial's: the headline only."""
+        lat = self.study.latency
+        cases = footprint.latency_cases(self.latency_device, lat.batch_sizes, lat.backends)
+        return cases[:1] if trial else cases
+
+    def latency_tags(self) -> dict[str, str]:
+        """What the headline ``latency_ms`` and ``speedup`` were measured on (reports say it)."""
+        head, lat = self.latency_cases()[0], self.study.latency
+        return {
+            "latency_device": head.device,
+            "latency_backend": head.backend,
+            "latency_batch": str(head.batch_size),
+            "latency_threads": str(lat.threads),
+            "latency_cases": ",".join(c.key for c in self.latency_cases()),
+        }
+
     def topk(self) -> tuple[int, ...]:
         """Top-k accuracies measured on test: top-5 too where there are more than 10 classes."""
         return (1, 5) if self.info.num_classes > 10 else (1,)
@@ -115,21 +137,24 @@ class Sweep:
     def measure(
         self, model: nn.Module, stored: int | None, latency: bool = True
     ) -> footprint.Footprint:
-        """Params, MACs (and latency) of a copy of ``model`` on CPU, under the study's settings."""
-        lat = self.study.latency
+        """Params, MACs (and latency: the headline case) of a copy of ``model``, under the
+        study's settings."""
+        lat, head = self.study.latency, self.latency_cases()[0]
         model = copy.deepcopy(model).cpu().eval()
         return footprint.measure(
             model,
             self.input_shape,
             stored=stored,
             latency=latency,
-            batch_size=lat.batch_size,
+            batch_size=head.batch_size,
+            device=head.device,
+            backend=head.backend,
             threads=lat.threads,
             min_run_time=lat.min_run_time,
         )
 
     def dense_footprint(self) -> footprint.Footprint:
-        """Params, MACs and latency of the dense model (measured once per process, on CPU)."""
+        """Params, MACs and headline latency of the dense model (measured once per process)."""
         if self._dense_fp is None:
             self._dense_fp = self.measure(self.new_model(), None)
         return self._dense_fp

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench import code_version as code
 from bench.models import canonical_width
-from bench.study import DataConfig, Recipe, Study, config_hash
+from bench.study import PARETO_OBJECTIVES, DataConfig, Recipe, Study, config_hash
 from methods.base import Target, get_method_class
 
 __all__ = [
@@ -232,6 +232,8 @@ class RunSpec:
         config; a changed ``method_args`` or ``--no-tune`` is a new parent, never a stale summary
         of the old one."""
         tuning = dataclasses.asdict(study.tuning) if study.tuning.trials > 0 else None
+        if tuning and tuning["objectives"] == PARETO_OBJECTIVES[:2]:
+            del tuning["objectives"]  # the default: parents keyed before it existed stay theirs
         return cls._of(
             study,
             "parent",

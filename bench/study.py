@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -25,6 +26,7 @@ from bench.samplers import PRUNERS, SAMPLERS
 from methods._targets import MethodConfigError, Target
 
 __all__ = [
+    "LATENCY_BACKENDS",
     "DataConfig",
     "LatencyConfig",
     "Recipe",
@@ -43,6 +45,11 @@ SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 
 class StudyError(ValueError):
     """A study file or override that cannot run; the message is one line."""
+
+
+LATENCY_BACKENDS = ("torch", "onnxruntime")  # bench.footprint.BACKENDS (no torch import here)
+PARETO_OBJECTIVES = ("val_top1", "macs", "latency")  # tuning.objectives: accuracy and one cost
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,12 @@ class TuningConfig:
         sampler: "tpe" or "random" (seeded by ``seed``; ``bench.samplers.SAMPLERS``).
         metric: what a trial maximises: "val_acc" (validation top-1).
         mode: "single" (best validation accuracy subject to the params ratio) or "pareto"
-            (validation accuracy vs MACs, NSGA-II; every Pareto point gets final runs).
+            (validation accuracy vs ``objectives[1]``, NSGA-II; every Pareto point gets final
+            runs).
+        objectives: the Pareto mode's two objectives: ``val_top1`` (maximised) and ``macs``
+            (the compressed model's MACs, minimised) or ``latency`` (its measured speedup over
+            the dense baseline, timed interleaved with it, briefly, on the study's headline
+            latency setting, maximised).
         pruner: "median" (stop trials below the median per-epoch validation accuracy) or "none"
             (``bench.samplers.PRUNERS``).
         epochs: fine-tuning epochs of a trial (None: the study's ``finetune.epochs``).
@@ -105,8 +117,23 @@ class TuningConfig:
     epochs: float | None = None
     seed: int = 0
     defaults_first: bool = True
+    objectives: tuple[str, ...] = PARETO_OBJECTIVES[:2]
 
     def __post_init__(self) -> None:
+        if (
+            len(self.objectives) != 2
+            or self.objectives[0] != "val_top1"
+            or self.objectives[1] not in PARETO_OBJECTIVES[1:]
+        ):
+            raise StudyError(
+                f"tuning.objectives {list(self.objectives)} must be [val_top1, macs] or "
+                "[val_top1, latency]"
+            )
+        if self.mode != "pareto" and self.objectives != PARETO_OBJECTIVES[:2]:
+            raise StudyError(
+                f"tuning.objectives {list(self.objectives)} need tuning.mode: pareto (a single "
+                "objective is validation accuracy)"
+            )
         if self.trials < 0:
             raise StudyError(f"tuning.trials must be >= 0, got {self.trials}")
         for key, allowed in (
@@ -138,11 +165,59 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """How latency is measured: same batch and threads for the dense and compressed model."""
+    """How latency is measured: the dense baseline and the compressed model, both deployed,
+    timed interleaved under the same device, backend, batch and threads.
 
-    batch_size: int = 32
+    Attributes:
+        device: "cpu", "cuda" or "cuda:N"; None = the training device (``--device``).
+        batch_sizes: the batches timed; the first is the headline (``latency_ms``, ``speedup``).
+        backends: "torch" (eager PyTorch on ``device``) and/or "onnxruntime" (the deployed model
+            exported to ONNX, timed in ONNX Runtime's CPU session); the first is the headline.
+        threads: CPU threads of torch and of ONNX Runtime's intra-op pool.
+        min_run_time: seconds of timing per model per case (a tuning trial times a tenth of it,
+            at most 0.1 s).
+        batch_size: the older one-batch spelling, ``batch_size: 64`` == ``batch_sizes: [64]``
+            (read, then folded into ``batch_sizes``).
+    """
+
+    device: str | None = None
+    batch_sizes: tuple[int, ...] = (32,)
+    backends: tuple[str, ...] = ("torch",)
     threads: int = 2
     min_run_time: float = 0.5
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None:
+            if self.batch_sizes not in ((32,), (self.batch_size,)):
+                raise StudyError(
+                    f"batch_size ({self.batch_size}) and batch_sizes "
+                    f"({list(self.batch_sizes)}) disagree: give batch_sizes only"
+                )
+            object.__setattr__(self, "batch_sizes", (self.batch_size,))
+            object.__setattr__(self, "batch_size", None)
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise StudyError(
+                f"batch_sizes {list(self.batch_sizes)} must list batches >= 1, e.g. [1, 32]"
+            )
+        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise StudyError(f"batch_sizes {list(self.batch_sizes)} lists a batch twice")
+        unknown = [b for b in self.backends if b not in LATENCY_BACKENDS]
+        if not self.backends or unknown or len(set(self.backends)) != len(self.backends):
+            raise StudyError(
+                f"backends {list(self.backends)} must list some of "
+                f"{list(LATENCY_BACKENDS)}, each once (the first is the headline)"
+            )
+        if self.device is not None and not _DEVICE.fullmatch(self.device):
+            raise StudyError(
+                f"device {self.device!r} must be cpu, cuda or cuda:N (or leave it out: "
+                "the training device)"
+            )
+        if self.threads < 1 or not self.min_run_time > 0:
+            raise StudyError(
+                f"threads must be >= 1 and min_run_time > 0 (got {self.threads}, "
+                f"{self.min_run_time})"
+            )
 
 
 @dataclass(frozen=True)
@@ -185,6 +260,9 @@ class Study:
         out["methods"] = list(self.methods)
         out["ratios"] = list(self.ratios)
         out["seeds"] = list(self.seeds)
+        out["latency"] |= {k: list(out["latency"][k]) for k in ("batch_sizes", "backends")}
+        del out["latency"]["batch_size"]  # folded into batch_sizes
+        out["tuning"]["objectives"] = list(out["tuning"]["objectives"])
         return out
 
     def to_yaml(self) -> str:

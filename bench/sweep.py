@@ -137,6 +137,15 @@ def validate_study(
     from methods.base import CalibData, MethodConfigError, Target, create_method, no_finetune
 
     where = f"study {study.name}"
+    lat_device = study.latency.device
+    if lat_device and lat_device.startswith("cuda"):
+        index = int(lat_device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise StudyError(
+                f"{where}: latency.device {lat_device}: this machine has "
+                f"{torch.cuda.device_count()} CUDA devices; use cpu, or leave it out (the "
+                "training device)"
+            )
     info = dataset_info(study.dataset)
     try:
         dense = models.create_model(
@@ -462,8 +471,8 @@ def _what_to_lower(study: Study, err: BaseException) -> str:
         f.name for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).parent == here
     }
     width = f"width (now {study.width or 1.0:g}) or a smaller model"
-    if called & {"compare_latency", "measure", "dense_footprint"}:
-        return f"latency.batch_size (now {study.latency.batch_size}), or {width}"
+    if called & {"compare_latencies", "measure", "dense_footprint"}:
+        return f"latency.batch_sizes (now {list(study.latency.batch_sizes)}), or {width}"
     if "_train_baseline" in called and "train" in called:
         return f"baseline.batch_size (now {study.baseline.batch_size}), or {width}"
     if called & {"train", "recalibrate_bn"}:

@@ -21,6 +21,7 @@ What the contract asks of a method (docs/design.md, "Methods"):
 - the deployable model the harness times (``bench.footprint.deployable``: a copy with every
   parametrisation baked in) gives the compressed model's outputs (to 1e-4), and baking it leaves
   the compressed model as it was;
+- the deployed model exports to ONNX and ONNX Runtime gives its outputs (to 1e-4);
 - hyperparameters round-trip through ``create_method``, and ``search_space`` names ``__init__``
   arguments whose defaults lie inside their distributions;
 - the compressed state (masks, fixed patterns, shapes) survives fine-tuning.
@@ -234,6 +235,23 @@ def check_deployed_outputs(case: ContractCase) -> None:
     )
 
 
+def check_onnx_export(case: ContractCase) -> None:
+    """The deployed model exports to ONNX (``bench.deploy.onnx``: opset pinned, modules with a
+    ``dense_equivalent()`` swapped in) and ONNX Runtime's outputs match PyTorch's to 1e-4."""
+    from bench.deploy import deploy
+    from bench.deploy import onnx as onnx_deploy
+
+    _, _, compressed = case.compress()
+    shape = tuple(case.probe().shape[1:])
+    deployed = deploy(compressed, shape).model
+    try:
+        sess = onnx_deploy.session(onnx_deploy.export(deployed, shape), threads=1)
+        onnx_deploy.check(deployed, sess, shape, batch_size=3)
+    except Exception as err:  # the exporter and ONNX Runtime raise many types
+        what = " ".join(str(err).split())[:300]
+        raise AssertionError(f"{case.method}: ONNX export: {what}") from None
+
+
 def _contains(dist: BaseDistribution, value) -> bool:
     """Whether ``value`` is one of the values ``dist`` can suggest (Optuna's public attributes)."""
     if isinstance(dist, CategoricalDistribution):
@@ -296,6 +314,7 @@ CONTRACT_CHECKS: dict[str, Callable[[ContractCase], None]] = {
     "layer_rates": check_layer_rates,
     "unreachable_ratio": check_unreachable_ratio,
     "deployed_outputs": check_deployed_outputs,
+    "onnx_export": check_onnx_export,
     "hyperparameters": check_hyperparameters,
     "survives_finetune": check_survives_finetune,
 }

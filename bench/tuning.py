@@ -6,7 +6,9 @@ trial), compresses the baseline, fine-tunes for ``tuning.epochs`` and reports va
 epoch, so the pruner stops hopeless trials (sampler and pruner by name: ``bench.samplers``). The
 objective is validation accuracy subject to the achieved params ratio meeting the target
 (``trial.set_constraint``); ``mode: pareto`` maximises accuracy and minimises MACs with NSGA-II
-instead. The test split is never used here.
+instead, or, with ``objectives: [val_top1, latency]``, maximises the measured speedup of the
+trial's deployed model (timed briefly, interleaved with the dense baseline). The test split is
+never used here.
 
 The first trial of a new study runs the method's defaults (``tuning.defaults_first``), so the
 tuned configuration is never below the defaults on validation; a defaults trial whose process
@@ -88,9 +90,17 @@ class Tuner:
                 "baseline": BaselineSpec.of(study, study.seeds[0]).key,
                 **after_compression(study.finetune, study.bn_recalibration_batches),
                 **code_key(method),  # the method's code: a fix gets a study of its own
-                "tuning": {k: getattr(self.cfg, k) for k in ("epochs", "mode", "metric")},
+                "tuning": {k: getattr(self.cfg, k) for k in ("epochs", "mode", "metric")}
+                # the default (MACs) is left out: studies made before objectives keep their name
+                | ({"cost": self.cfg.objectives[1]} if self._cost != "macs" else {}),
             }
         )
+
+    @property
+    def _cost(self) -> str:
+        """The Pareto mode's cost objective: "macs" (minimised) or "latency" (as speedup,
+        maximised)."""
+        return self.cfg.objectives[1]
 
     def study_name(self, method: str, ratio) -> str:
         """``study/model/dataset/method/ratio``; ``#<fingerprint>`` appended when a study of
@@ -150,8 +160,9 @@ class Tuner:
     def _create(self, method: str, ratio) -> optuna.Study:
         """Create (or load) the Optuna study of (method, ratio), its sampler and pruner by name."""
         cfg = self.cfg
-        if cfg.mode == "pareto":  # accuracy up, MACs down; Optuna cannot prune multi-objective
-            how = {"directions": ["maximize", "minimize"], "sampler": pareto_sampler(cfg)}
+        if cfg.mode == "pareto":  # accuracy up, cost down; Optuna cannot prune multi-objective
+            cost = "minimize" if self._cost == "macs" else "maximize"  # latency: as speedup
+            how = {"directions": ["maximize", cost], "sampler": pareto_sampler(cfg)}
         else:
             how = {
                 "direction": "maximize",
@@ -255,7 +266,8 @@ class Tuner:
             low, high = target.bounds()
             miss = max(low - achieved, achieved - high)
         trial.set_constraint(_CONSTRAINT, miss)
-        values = [m["val_top1"], m["macs"]] if pareto else m["val_top1"]
+        cost = m["macs"] if self._cost == "macs" else m["speedup"]
+        values = [m["val_top1"], cost] if pareto else m["val_top1"]
         study.tell(trial, values)
         self._tag_state(key, "COMPLETE")
 
@@ -274,10 +286,11 @@ class Tuner:
             parent.set_tags({"tuning_note": "no feasible complete trial: finals use defaults"})
             return [(defaults, "default")]
         if self.cfg.mode == "pareto":
+            signs = (1, -1 if self._cost == "macs" else 1)  # +1: more is better
             front, seen = [], set()
             for t in sorted(feasible, key=lambda t: t.number):
                 key = tuple(sorted(t.params.items()))  # a point sampled twice runs once
-                if key not in seen and not any(_dominates(o, t) for o in feasible):
+                if key not in seen and not any(_dominates(o, t, signs) for o in feasible):
                     seen.add(key)
                     front.append(t)
             parent.set_tags({"pareto_trials": ",".join(str(t.number) for t in front)})
@@ -299,7 +312,9 @@ def report(trial: optuna.Trial, value: float, epoch: int, n_reports: int) -> Non
         raise _Pruned(f"pruned at epoch {epoch}: val {value:.2f}%")
 
 
-def _dominates(a, b) -> bool:
-    """a dominates b: accuracy >= and MACs <=, one strictly."""
-    (acc_a, mac_a), (acc_b, mac_b) = a.values, b.values
-    return acc_a >= acc_b and mac_a <= mac_b and (acc_a > acc_b or mac_a < mac_b)
+def _dominates(a, b, signs=(1, -1)) -> bool:
+    """Trial a dominates trial b: no worse in every objective and better in one; ``signs``
+    says per objective whether more (+1) or less (-1) is better."""
+    va = [s * v for s, v in zip(signs, a.values, strict=True)]
+    vb = [s * v for s, v in zip(signs, b.values, strict=True)]
+    return all(x >= y for x, y in zip(va, vb)) and any(x > y for x, y in zip(va, vb))

@@ -35,8 +35,10 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "TARGET_TOLERANCE",
     "UNVERSIONED",
+    "case_columns",
     "code_versions",
     "groups",
+    "latency_setting",
     "latest_per_key",
     "summarize",
     "target_miss",
@@ -81,11 +83,16 @@ SUMMARY_COLUMNS = [
     "macs_reduction",
     "speedup_mean",
     "speedup_std",
+    "latency_setting",
     "trials_used",
     "code_versions",
     "note",
 ]
-_TEXT_COLUMNS = [*_KEY_COLUMNS, "code_versions", "note"]
+_TEXT_COLUMNS = [*_KEY_COLUMNS, "latency_setting", "code_versions", "note"]
+# Per latency case (bench.footprint.LatencyCase.key, "onnxruntime.cpu.b1"): metrics
+# "speedup.<key>"; a summary column "speedup.<key>" (mean over seeds) for each case besides the
+# headline, after SUMMARY_COLUMNS.
+CASE_PREFIX = "speedup."
 RUN_KEY = ["tags.model", "tags.dataset", "tags.method", "tags.ratio"]
 ROW_KEY = [*RUN_KEY, "tags.pareto_index"]  # a table row: a Pareto point of its own
 _TAGS = [*ROW_KEY] + [
@@ -98,6 +105,11 @@ _TAGS = [*ROW_KEY] + [
         "optuna_study",
         "optuna_storage",
         "code_version",
+        "latency_device",
+        "latency_backend",
+        "latency_batch",
+        "latency_threads",
+        "latency_cases",
     )
 ]
 # methods.base.Target's tolerance of the achieved params ratio (reports never import torch)
@@ -209,6 +221,12 @@ def _measured_row(runs: pd.DataFrame, parent: pd.Series | None, baselines: pd.Da
         same = baselines[baselines["tags.seed"].isin(set(runs["tags.seed"]))]
         base5 = _mean(_values(same, "test_top5"))
     speedup = _values(runs, "speedup")
+    headline = {case.split(",")[0] for case in runs["tags.latency_cases"]}
+    cases = {
+        column.removeprefix("metrics.")
+        for column in runs.columns
+        if column.startswith(f"metrics.{CASE_PREFIX}") and runs[column].notna().any()
+    } - {f"{CASE_PREFIX}{h}" for h in headline}
     return {
         "kind": "measured",
         "family": first["tags.family"],
@@ -221,10 +239,26 @@ def _measured_row(runs: pd.DataFrame, parent: pd.Series | None, baselines: pd.Da
         "macs_reduction": _mean(_reduction(_values(runs, "macs_ratio"))),
         "speedup_mean": _mean(speedup),
         "speedup_std": _std(speedup),
+        "latency_setting": latency_setting(runs),
+        **{case: _mean(_values(runs, case)) for case in sorted(cases)},
         "trials_used": _trials(parent),
         "code_versions": code_versions(runs),
         "note": "",
     }
+
+
+def latency_setting(runs: pd.DataFrame) -> str:
+    """What the headline speedup of ``runs`` was measured on, from their ``latency_*`` tags:
+    "torch on cpu, batch 32, 2 threads" ("" for runs recorded before those tags; settings that
+    differ between runs are joined by " / ")."""
+    settings = []
+    for _, run in runs.iterrows():
+        if run["tags.latency_backend"]:
+            settings.append(
+                f"{run['tags.latency_backend']} on {run['tags.latency_device']}, batch "
+                f"{run['tags.latency_batch']}, {run['tags.latency_threads']} threads"
+            )
+    return " / ".join(sorted(set(settings)))
 
 
 def _trials(parent: pd.Series | None) -> float:
@@ -397,8 +431,16 @@ def _display_key(row: dict) -> tuple:
     )
 
 
+def case_columns(frame: pd.DataFrame) -> list[str]:
+    """The per-latency-case speedup columns of a summary (``speedup.<case key>``), sorted."""
+    return sorted(c for c in frame.columns if c.startswith(CASE_PREFIX))
+
+
 def _frame(rows: list[dict]) -> pd.DataFrame:
-    summary = pd.DataFrame.from_records(sorted(rows, key=_display_key), columns=SUMMARY_COLUMNS)
+    extra = sorted({k for row in rows for k in row if k.startswith(CASE_PREFIX)})
+    summary = pd.DataFrame.from_records(
+        sorted(rows, key=_display_key), columns=[*SUMMARY_COLUMNS, *extra]
+    )
     for column in _TEXT_COLUMNS:
         summary[column] = summary[column].fillna("").astype(str)
     for column in ("n_seeds", "trials_used"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from reports._common import TIMES
-from reports.aggregate import SUMMARY_COLUMNS, UNVERSIONED
+from reports.aggregate import SUMMARY_COLUMNS, UNVERSIONED, case_columns
 
 __all__ = ["Cell", "DisplayTable", "display_table", "to_csv", "to_latex", "to_markdown"]
 
@@ -124,7 +124,20 @@ def _int(x: object) -> str:
     return str(int(x)) if _finite(x) else DASH
 
 
-def _row(row: pd.Series, top5: bool, ref_number: int | None, points: int) -> dict[str, str]:
+def case_header(column: str) -> str:
+    """The header of a per-case speedup column: ``speedup.onnxruntime.cpu.b1`` ->
+    "Speedup (x) ORT cpu b1" (backend, device, batch; ORT = onnxruntime, short enough for the
+    page's width)."""
+    backend, device, batch = column.removeprefix("speedup.").split(".")
+    return f"Speedup ({TIMES}) {_BACKEND_LABELS.get(backend, backend)} {device} {batch}"
+
+
+_BACKEND_LABELS = {"onnxruntime": "ORT"}
+
+
+def _row(
+    row: pd.Series, top5: bool, ref_number: int | None, points: int, cases: list[str]
+) -> dict[str, str]:
     kind = row["kind"]
     macs = _count(row["macs"])
     if kind == "measured" and row["structured"] == "false" and macs != DASH:
@@ -151,6 +164,7 @@ def _row(row: pd.Series, top5: bool, ref_number: int | None, points: int) -> dic
         "FLOPs (MACs)": macs,
         "FLOPs (MACs) red. (%)": _num(row["macs_reduction"], 1),
         f"Speedup ({TIMES})": _mean_std(row["speedup_mean"], row["speedup_std"]),
+        **{case_header(c): _num(row[c], 2) for c in cases},
         "Seeds": _int(row["n_seeds"]),
         "Trials": _int(row["trials_used"]),
         "Status": status,
@@ -184,8 +198,9 @@ def display_table(summary: pd.DataFrame, model: str, dataset: str) -> DisplayTab
     numbers = {i: n + 1 for n, i in enumerate(reported)}
     marks = _bold_marks(rows)
     points = rows[rows["pareto_index"] != ""].groupby(["method", "ratio"])["pareto_index"].nunique()
+    cases = [c for c in case_columns(rows) if rows[c].map(_finite).any()]
     formatted = [
-        _row(rows.loc[i], top5, numbers.get(i), points.get((r["method"], r["ratio"]), 0))
+        _row(rows.loc[i], top5, numbers.get(i), points.get((r["method"], r["ratio"]), 0), cases)
         for i, r in rows.iterrows()
     ]
     columns = tuple(formatted[0]) if formatted else ()
@@ -200,6 +215,7 @@ def display_table(summary: pd.DataFrame, model: str, dataset: str) -> DisplayTab
         "accumulates of one forward pass; red. = 1 - 1/ratio; speedup = dense / compressed"
         " latency, measured.",
     ]
+    notes += latency_notes(rows, cases)
     if marks:
         notes.append("Bold: the best measured value of each column at each ratio.")
     if any(DAGGER in c.text for row in cells for c in row):
@@ -220,6 +236,25 @@ def display_table(summary: pd.DataFrame, model: str, dataset: str) -> DisplayTab
         )
         notes += [f"[{numbers[i]}] {rows.at[i, 'note']}" for i in reported]
     return DisplayTable(model, dataset, columns, cells, tuple(rows["kind"]), tuple(notes))
+
+
+def latency_notes(rows: pd.DataFrame, cases: list[str]) -> list[str]:
+    """Where the speedups were measured: the headline's backend, device, batch and threads (the
+    runs' ``latency_*`` tags), and what the per-case columns are."""
+    settings = sorted({s for s in rows["latency_setting"] if s})
+    notes = []
+    if settings:
+        notes.append(
+            f"Speedup ({TIMES}): dense baseline / compressed model, both deployed, timed"
+            f" interleaved, median: {'; '.join(settings)}."
+        )
+    if cases:
+        notes.append(
+            f"Speedup ({TIMES}) <backend> <device> b<batch>: the same runs timed on that"
+            " backend (torch: eager PyTorch; ORT: backend onnxruntime, the ONNX export in ONNX"
+            " Runtime's CPU session), device and batch, same threads."
+        )
+    return notes
 
 
 def _versions(cell: str) -> Counter:
@@ -363,7 +398,7 @@ def to_latex(table: DisplayTable) -> str:
 def to_csv(summary: pd.DataFrame, model: str, dataset: str) -> str:
     """The raw summary rows of one (model, dataset) as CSV (numbers rounded to 6 decimals)."""
     rows = summary[(summary["model"] == model) & (summary["dataset"] == dataset)]
-    rows = rows[SUMMARY_COLUMNS].copy()
+    rows = rows[[*SUMMARY_COLUMNS, *case_columns(rows)]].copy()
     numeric = rows.select_dtypes("number").columns
     rows[numeric] = rows[numeric].round(6)
     return rows.to_csv(index=False, lineterminator="\n")

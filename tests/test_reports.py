@@ -285,6 +285,25 @@ def test_table_numbers_are_mean_and_std_over_seeds(cli_report):
     assert "† Unstructured sparsity" in md
 
 
+def test_speedup_columns_say_device_backend_batch_and_threads(cli_report):
+    out, _ = cli_report
+    md = (out / GROUP / "table.md").read_text()
+    header = md.splitlines()[2]
+    ort = f"Speedup ({TIMES}) ORT cpu b32"
+    assert ort in header and f"Speedup ({TIMES}) torch" not in header  # headline: no twin
+    setting = "torch on cpu, batch 32, 2 threads"
+    assert f"interleaved, median: {setting}." in md
+    assert "<backend> <device> b<batch>: the same runs timed on that backend" in md
+    cells = _md_row(md, "dct_pruning", f"2{TIMES}")  # seeds' ORT speedups: 1.5 x (1.2, 1.25)
+    assert f"{1.225 * fake.ORT_FACTOR:.2f}" in cells
+    csv = pd.read_csv(out / GROUP / "table.csv", dtype={"ratio": str, "seeds": str})
+    row = csv[(csv["method"] == "dct_pruning") & (csv["ratio"] == "2")].iloc[0]
+    assert row["latency_setting"] == setting
+    assert row["speedup.onnxruntime.cpu.b32"] == pytest.approx(1.225 * fake.ORT_FACTOR)
+    page = html.unescape((out / "index.html").read_text())
+    assert setting in page and ort in page
+
+
 def test_every_pareto_point_is_a_row_and_a_point(store, tmp_path):
     # tuning.mode: pareto: every point of a front has final runs of its own, and each is shown
     out = tmp_path / "pareto"

@@ -85,8 +85,19 @@ def test_sweep_logs_every_run(smoke_results, monkeypatch):
             "macs_ratio",
             "speedup",
             "baseline_test_top1",
+            "dense_latency_ms",
+            "speedup.torch.cpu.b8",  # one per latency case: backend, device, batch
         ):
             assert key in m, key
+        assert m["speedup.torch.cpu.b8"] == m["speedup"]  # smoke's only case is the headline
+        latency = {k: tags[k] for k in tags if k.startswith("latency_")}
+        assert latency == {
+            "latency_device": "cpu",
+            "latency_backend": "torch",
+            "latency_batch": "8",
+            "latency_threads": "1",
+            "latency_cases": "torch.cpu.b8",
+        }
         assert abs(m["params_ratio"] / 2 - 1) <= 0.02
         # BatchNorm re-estimated after compression (default 20 batches), the raw number kept
         assert run.data.params["bn_recalibration_batches"] == "20" and "val_top1_pre_bn" in m
@@ -420,18 +431,18 @@ def test_what_counts_as_out_of_memory():
 @pytest.mark.parametrize("trials", [0, 2])
 def test_out_of_memory_stops_the_sweep_with_what_to_lower(results, capsys, monkeypatch, trials):
     """Memory running out in the latency timing of the first (method, ratio), a final or a
-    trial: one line naming latency.batch_size, exit 1, the runs FAILED with the reason, and no
+    trial: one line naming latency.batch_sizes, exit 1, the runs FAILED with the reason, and no
     further run (magnitude never starts; no second trial)."""
     import optuna
 
     import bench.footprint
 
-    monkeypatch.setattr(bench.footprint, "compare_latency", _allocate_too_much)
+    monkeypatch.setattr(bench.footprint, "compare_latencies", _allocate_too_much)
     assert sweep(*FAST, "--trials", str(trials)) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if " INFO mlflow" not in ln]
     assert len(err) == 1, err
     assert "out of memory in l1_filter @ 2" in err[0]
-    assert "lower latency.batch_size (now 8)" in err[0]
+    assert "lower latency.batch_sizes (now [8])" in err[0]
     _, all_runs = runs()
     compressed = [r for r in all_runs if r.data.tags["stage"] != "baseline"]
     assert {r.data.tags["method"] for r in compressed} == {"l1_filter"}

@@ -244,3 +244,25 @@ def test_a_defaults_trial_whose_process_died_is_queued_again(tmp_path):
     optuna_study.tell(optuna_study.ask(), state=TrialState.FAIL)
     tuner._enqueue_defaults(optuna_study, "magnitude")
     assert len(optuna_study.get_trials()) == 2
+
+
+def test_pareto_on_measured_latency(results, probe_path):
+    """objectives [val_top1, latency]: the second objective is each trial's measured speedup
+    (its deployed model timed interleaved with the dense baseline), maximised."""
+    args = ("--set", "tuning.trials=2", "--set", "tuning.mode=pareto")
+    latency = ("--set", "tuning.objectives=[val_top1, latency]")
+    assert sweep(*args, *latency) == 0
+    (name,) = [s.study_name for s in optuna.get_all_study_summaries(default_storage())]
+    assert name == "smoke/vgg16_bn_cifar/fashion-mnist/probe/2"
+    study = optuna.load_study(study_name=name, storage=default_storage())
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    speedups = {
+        int(r.data.tags["trial_number"]): r.data.metrics["speedup"] for r in mlflow_runs("tune")
+    }
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 2
+    for t in complete:  # the value Optuna got is the speedup the trial's run logged
+        assert t.values[1] == pytest.approx(speedups[t.number]) and t.values[1] > 0
+    # a trial times the headline case only, briefly; a final every case
+    tune = mlflow_runs("tune")[0].data
+    assert "speedup.torch.cpu.b8" in tune.metrics and tune.tags["latency_backend"] == "torch"
