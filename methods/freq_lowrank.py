@@ -62,6 +62,8 @@ from methods._lowrank import (
     note_unfactorised,
     rank_table,
     set_module,
+    singular_values,
+    thin_svd,
     truncated_svd,
     unfactorised_layers,
 )
@@ -168,7 +170,7 @@ def low_rank_factors(
         idx = rng.choice(len(p_cols), size=n_cols, replace=True, p=p_cols)
         scale = torch.from_numpy(1.0 / np.sqrt(n_cols * p_cols[idx]))
         sampled = m64[:, torch.from_numpy(idx).to(m64.device)] * scale.to(m64)
-        h = torch.linalg.svd(sampled, full_matrices=False).U[:, :rank]
+        h = thin_svd(sampled)[0][:, :rank]
         a, b = h, h.T @ m64
     else:
         raise MethodConfigError(f"freq_lowrank: sampler {sampler!r} is not one of {SAMPLERS}")
@@ -293,7 +295,7 @@ class FreqLowRank(CompressionMethod):
         if get_allocation(self.allocation).needs_spectrum:
             with torch.no_grad():
                 spectra = [
-                    torch.linalg.svdvals(self._matrix(model, la).double()).square().mean(0).sqrt()
+                    singular_values(self._matrix(model, la).double()).square().mean(0).sqrt()
                     for la in layers
                 ]
         final = allocate_ranks(

@@ -40,6 +40,7 @@ from methods._lowrank import (
     note_unfactorised,
     rank_table,
     set_module,
+    thin_svd,
     unfactorised_layers,
 )
 from methods.base import (
@@ -81,13 +82,10 @@ class SVD(CompressionMethod):
     ) -> nn.Module:
         layers = factorisable_layers(model, include_linear=self.include_linear, grouped=True)
         left = unfactorised_layers(model, layers, self.name)
-        # float64 SVD (batched over a grouped conv's groups): exact control; these matrices are at
-        # most a few thousand wide (< 1 s each)
+        # float64 SVD (batched over a grouped conv's groups): exact control, on the tall
+        # orientation (thin_svd: 2.7-9x faster than on the wide N x C k^2 matrix)
         decompositions = [
-            torch.linalg.svd(
-                group_matrices(model.get_submodule(layer.name)).double(), full_matrices=False
-            )
-            for layer in layers
+            thin_svd(group_matrices(model.get_submodule(layer.name)).double()) for layer in layers
         ]
         plan = allocate_ranks(
             layers,

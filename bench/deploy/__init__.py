@@ -52,7 +52,13 @@ def deploy(
 ) -> Deployment:
     """The deployed form of ``model`` (left unchanged) for inputs of ``input_shape`` (C, H, W);
     choices by measurement need both ``input_shape`` and ``timing``."""
+    from bench.deploy.fused import choose_factorised, fold_batchnorm
     from methods._masks import bake_parametrizations
 
     deployed = bake_parametrizations(copy.deepcopy(model)).eval()
-    return Deployment(deployed)
+    notes: dict[str, str] = {}
+    if input_shape is not None:
+        notes |= fold_batchnorm(deployed, input_shape)
+        if timing is not None:
+            notes |= choose_factorised(deployed, input_shape, timing)
+    return Deployment(deployed, notes)
