@@ -4,7 +4,13 @@
   masked tensors by their nonzeros (``methods.base.stored_params``).
 - MACs: multiply-accumulates of one forward pass of one image, from torch's own
   ``FlopCounterMode`` (it reports FLOPs = 2 x MACs). It counts what really executes, custom modules
-  included; masked weights cost their dense MACs.
+  included: masked weights cost their dense MACs, a layer deployed sparse its nnz x output
+  positions (``bench.deploy.sparse`` registers the FLOP formula of its op).
+- MACs nz (``macs_nz``): the multiply-accumulates that touch a stored nonzero, the pruning papers'
+  "FLOPs" for unstructured sparsity (ShrinkBench's ``flops_nz``): each conv / linear layer's MACs
+  times the nonzero share of its (masked or baked) weight; every other op as it executes.
+- model bytes: bytes really stored by the deployed model: dense tensors numel x element size
+  (BatchNorm buffers included, ``num_batches_tracked`` not), a sparse layer its values + indices.
 - latency: median wall time of a forward pass of a batch, after warm-up, with a fixed thread count,
   via ``torch.utils.benchmark.Timer``; speedup = dense / compressed.
 """
@@ -24,17 +30,21 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils.benchmark import Timer  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from bench.deploy import Deployment  # noqa: E402
+from bench.deploy.sparse import describe  # noqa: E402
 from methods.base import count_params, stored_params  # noqa: E402
 
 __all__ = [
     "Footprint",
     "compare_latency",
     "count_macs",
+    "count_macs_nz",
     "count_params",
     "deployable",
     "layer_table",
     "measure",
     "measure_latency",
+    "model_bytes",
     "stored_params",
 ]
 
@@ -46,17 +56,71 @@ def _example(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) ->
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass of ONE image of ``input_shape`` (C, H, W)."""
+def _flop_counts(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
+    """FLOPs of one forward pass of one image: the total and per module (``Root.name`` keys)."""
     was_training = model.training
     model.eval()
     try:
         counter = FlopCounterMode(display=False)
         with counter:
             model(_example(model, input_shape, 1))
-        return int(counter.get_total_flops()) // 2
     finally:
         model.train(was_training)
+    per_module = {k: int(sum(v.values())) for k, v in counter.get_flop_counts().items()}
+    return int(counter.get_total_flops()), per_module
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of ONE image of ``input_shape`` (C, H, W)."""
+    return _flop_counts(model, input_shape)[0] // 2
+
+
+def _weight_layers(model: nn.Module):
+    """(FlopCounterMode key, module) of every conv / linear layer of ``model``."""
+    root = type(model).__name__
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            yield (f"{root}.{name}" if name else root), name, module
+
+
+def count_macs_nz(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates that touch a stored nonzero, per image (ShrinkBench's ``flops_nz``).
+
+    Each conv / linear layer counts its executed MACs times the nonzero share of its weight
+    (masked weights through their mask, baked ones by their zeros); every other op, a sparse
+    layer's (already nnz x positions) included, counts as it executes.
+    """
+    from bench.deploy.sparse import zero_fraction
+
+    total, per_module = _flop_counts(model, input_shape)
+    zeroed = sum(
+        per_module.get(key, 0) * zero_fraction(module) for key, _, module in _weight_layers(model)
+    )
+    return round(total - zeroed) // 2
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes ``model`` stores: dense tensors numel x element size (buffers included, BatchNorm's
+    ``num_batches_tracked`` not); a layer stored sparse (``stored_bytes()``) its values, indices
+    and bias as stored. Measure the deployed model: a masked weight before baking also stores
+    its mask."""
+    from bench.deploy.sparse import is_sparse_module
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if id(module) in seen:
+            continue
+        if is_sparse_module(module):
+            total += int(module.stored_bytes())
+            seen |= {id(m) for m in module.modules()}
+            continue
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, tensor in tensors:
+            if tensor is None or id(tensor) in seen or name == "num_batches_tracked":
+                continue
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def deployable(model: nn.Module) -> nn.Module:
@@ -136,16 +200,23 @@ class Footprint:
     """Size and cost of one model at one input shape.
 
     Attributes:
-        params: dense parameter count.
+        params: parameters of the deployed model (a layer deployed sparse by its stored values).
         stored_params: values stored (masked tensors by nnz).
-        macs: multiply-accumulates per image.
+        macs: multiply-accumulates per image the deployed model executes.
+        macs_nz: multiply-accumulates per image that touch a stored nonzero.
+        model_bytes: bytes the deployed model stores (values + indices of sparse layers).
         latency_ms: median batch latency, or None when not measured.
+        deployed: what was deployed (``bench.deploy.sparse.describe``): "structured" or e.g.
+            "masked dense: 13 layers; sparse: 2 layers".
     """
 
     params: int
     stored_params: int
     macs: int
+    macs_nz: int
+    model_bytes: int
     latency_ms: float | None = None
+    deployed: str = "structured"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,20 +231,29 @@ def measure(
     batch_size: int = 32,
     threads: int | None = None,
     min_run_time: float = 0.5,
+    deployment: Deployment | None = None,
 ) -> Footprint:
-    """Params, stored params, MACs and (optionally) latency of ``model``.
+    """Params, stored params, MACs, MACs nz, model bytes and (optionally) latency of ``model``.
+
+    Counts are taken on the deployed model: ``deployment`` when given (``bench.deploy.deploy``
+    of ``model``, e.g. with measured per-layer choices), else ``deploy(model)``.
 
     Args:
         stored: a stored-parameter count already taken (e.g. before ``model`` was copied);
             defaults to ``stored_params(model)``.
     """
+    from bench.deploy import deploy
+
+    deployed = (deployment or deploy(model)).model
     return Footprint(
-        params=count_params(model),
+        params=count_params(deployed),
         stored_params=stored if stored is not None else stored_params(model),
-        macs=count_macs(model, input_shape),
+        macs=count_macs(deployed, input_shape),
+        macs_nz=count_macs_nz(deployed, input_shape),
+        model_bytes=model_bytes(deployed),
         latency_ms=(
             measure_latency(
-                model,
+                deployed,
                 input_shape,
                 batch_size=batch_size,
                 threads=threads,
@@ -182,50 +262,50 @@ def measure(
             if latency
             else None
         ),
+        deployed=describe(deployed),
     )
 
 
-@torch.no_grad()
 def layer_table(
-    model: nn.Module, input_shape: tuple[int, ...], method: Any = None
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    method: Any = None,
+    notes: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per conv / linear leaf: name, kind, shape, params, stored params, MACs per image.
+    """One row per conv / linear leaf: name, kind, shape, params, stored params, MACs and MACs nz
+    per image.
 
     MACs per layer come from ``FlopCounterMode``'s per-module breakdown, so the rows add up to
     :func:`count_macs` for conv nets (elementwise ops are not counted by torch either). With a
-    ``method``, the facts of its ``layer_table`` hook (rank, kept filters) join the matching rows.
+    ``method``, the facts of its ``layer_table`` hook (rank, kept filters) join the matching rows;
+    ``notes`` (``Deployment.notes``, by layer name) join as a ``deployed`` column.
     """
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter:
-            model(_example(model, input_shape, 1))
-    finally:
-        model.train(was_training)
-    per_module = counter.get_flop_counts()
-    root = type(model).__name__
+    from bench.deploy.sparse import zero_fraction
+
+    _, per_module = _flop_counts(model, input_shape)
     rows = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d | nn.Linear):
-            continue
-        key = f"{root}.{name}" if name else root
-        flops = sum(per_module.get(key, {}).values())
-        weight = module.weight
+    for key, name, module in _weight_layers(model):
+        macs = per_module.get(key, 0) // 2
         rows.append(
             {
                 "layer": name,
                 "kind": type(module).__name__,
-                "shape": "x".join(str(s) for s in weight.shape),
+                "shape": "x".join(str(s) for s in module.weight.shape),
                 "params": count_params(module),
                 "stored_params": stored_params(module),
-                "macs": int(flops) // 2,
+                "macs": macs,
+                "macs_nz": round(macs * (1.0 - zero_fraction(module))),
             }
         )
     if method is not None:
         extra = {row.get("layer"): row for row in method.layer_table(model)}
         rows = [
             {**row, **{k: v for k, v in extra.get(row["layer"], {}).items() if k != "layer"}}
+            for row in rows
+        ]
+    if notes:
+        rows = [
+            {**row, "deployed": notes[row["layer"]]} if row["layer"] in notes else row
             for row in rows
         ]
     return rows

@@ -52,7 +52,10 @@ def deploy(
 ) -> Deployment:
     """The deployed form of ``model`` (left unchanged) for inputs of ``input_shape`` (C, H, W);
     choices by measurement need both ``input_shape`` and ``timing``."""
+    from bench.deploy.sparse import sparsify
     from methods._masks import bake_parametrizations
 
     deployed = bake_parametrizations(copy.deepcopy(model)).eval()
-    return Deployment(deployed)
+    notes: dict[str, str] = {}
+    notes |= sparsify(deployed, input_shape, timing)
+    return Deployment(deployed, notes)
