@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from bench import footprint
+from bench.deploy import Deployment, Timing, deploy
+from bench.deploy.sparse import describe
 from bench.runs import Baseline, RunSpec
 from bench.tracking import RunHandle
 from bench.training import evaluate, recalibrate_bn, train
@@ -115,10 +117,11 @@ def run_body(
     handle.log_metrics(metrics)
     finetune(sweep, spec, method, model, handle, on_epoch)
     metrics |= evaluate_after_finetuning(sweep, spec, model)
-    metrics |= measure(sweep, method, model)
+    measured, deployment = measure(sweep, method, model)
+    metrics |= measured
     metrics["epochs_total"] = inner.epochs + spec.finetune_epochs
     metrics["wall_time_s"] = time.perf_counter() - t0
-    log(sweep, spec, method, model, handle, metrics)
+    log(sweep, spec, method, model, handle, metrics, deployment)
     return metrics
 
 
@@ -236,15 +239,23 @@ def evaluate_after_finetuning(sweep: Sweep, spec: RunSpec, model: nn.Module) -> 
     return out
 
 
-def measure(sweep: Sweep, method: CompressionMethod, model: nn.Module) -> dict[str, float]:
-    """Step 5b: params, stored params and MACs of the compressed model, its latency timed
-    interleaved with the dense model's (now, under the same machine state), and the ratios."""
+def measure(
+    sweep: Sweep, method: CompressionMethod, model: nn.Module
+) -> tuple[dict[str, float], Deployment]:
+    """Step 5b: params, stored params, MACs, MACs nz and bytes of the deployed compressed model
+    (each sparse layer in its form measured fastest, ``bench.deploy``), its latency timed
+    interleaved with the dense model's (now, under the same machine state), and the ratios.
+    Returns the metrics and the deployment (its notes go to ``layers.csv``)."""
     dense = sweep.dense_footprint()
-    fp = sweep.measure(model, stored_params(model), latency=False)
     lat = sweep.study.latency
+    timing = Timing(batch_size=lat.batch_size, threads=lat.threads)
+    deployment = deploy(copy.deepcopy(model).cpu(), sweep.input_shape, timing)
+    fp = footprint.measure(
+        model, sweep.input_shape, stored=stored_params(model), latency=False, deployment=deployment
+    )
     dense_ms, compressed_ms = footprint.compare_latency(
         sweep.new_model(),
-        copy.deepcopy(model).cpu(),
+        deployment.model,
         sweep.input_shape,
         batch_size=lat.batch_size,
         threads=lat.threads,
@@ -254,14 +265,20 @@ def measure(sweep: Sweep, method: CompressionMethod, model: nn.Module) -> dict[s
         "params": fp.params,
         "stored_params": fp.stored_params,
         "macs": fp.macs,
+        "macs_nz": fp.macs_nz,
+        "model_bytes": fp.model_bytes,
         "latency_ms": compressed_ms,
         "dense_params": dense.params,
         "dense_macs": dense.macs,
+        "dense_macs_nz": dense.macs_nz,
+        "dense_model_bytes": dense.model_bytes,
         "dense_latency_ms": dense_ms,
         "params_ratio": dense.params / fp.stored_params,
         "macs_ratio": dense.macs / fp.macs,
+        "macs_nz_ratio": dense.macs / fp.macs_nz,
+        "bytes_ratio": dense.model_bytes / fp.model_bytes,
         "speedup": dense_ms / compressed_ms,
-    }
+    }, deployment
 
 
 def log(
@@ -271,10 +288,17 @@ def log(
     model: nn.Module,
     handle: RunHandle,
     metrics: dict[str, float],
+    deployment: Deployment | None = None,
 ) -> None:
-    """Step 6: the metrics, the per-layer table, the study and (for a final) the state dict."""
+    """Step 6: the metrics, the ``deployed`` tag (what was deployed: "structured" or e.g.
+    "masked dense: 13 layers; sparse: 2 layers"), the per-layer table (with the deployment's
+    per-layer notes), the study and (for a final) the state dict."""
     handle.log_metrics(metrics)
-    rows = footprint.layer_table(copy.deepcopy(model).cpu(), sweep.input_shape, method)
+    notes = None
+    if deployment is not None:
+        handle.set_tags({"deployed": describe(deployment.model)})
+        notes = deployment.notes
+    rows = footprint.layer_table(copy.deepcopy(model).cpu(), sweep.input_shape, method, notes)
     handle.log_rows(rows, "layers.csv")
     handle.log_text(sweep.study.to_yaml(), "study.yaml")
     if spec.final_stage:

@@ -149,6 +149,7 @@ def profile(args) -> dict:
     import torch  # see the note on imports at the top
 
     from bench import footprint
+    from bench.deploy import Timing, deploy
     from bench.models import create_model
     from methods.base import CalibData, CompressionWarning, create_method, no_finetune
 
@@ -178,15 +179,18 @@ def profile(args) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         compressed = method.compress(copy.deepcopy(dense), target, calib, no_finetune()).eval()
-    cfp = footprint.measure(compressed, shape, **{**kw, "latency": False})
+    # sparse layers in their fastest form, measured at this batch and threads (not without latency)
+    timing = None if args.no_latency else Timing(batch_size=args.batch_size, threads=args.threads)
+    deployment = deploy(compressed, shape, timing)
+    cfp = footprint.measure(compressed, shape, **{**kw, "latency": False}, deployment=deployment)
     if not args.no_latency:  # both models timed again, interleaved, for the speedup
         dense_ms, compressed_ms = footprint.compare_latency(
-            dense, compressed, shape, batch_size=args.batch_size, threads=args.threads
+            dense, deployment.model, shape, batch_size=args.batch_size, threads=args.threads
         )
         out["dense"]["latency_ms"] = dense_ms
         fp = dataclasses.replace(fp, latency_ms=dense_ms)
         cfp = dataclasses.replace(cfp, latency_ms=compressed_ms)
-    layers = footprint.layer_table(compressed, shape, method)
+    layers = footprint.layer_table(compressed, shape, method, deployment.notes)
     out["method"] = args.method
     out["hyperparameters"] = method.hyperparameters()
     out["target"] = target.label
@@ -196,6 +200,8 @@ def profile(args) -> dict:
     out["params_reduction"] = 100 * (1 - cfp.stored_params / fp.params)  # percent, as in reports
     out["macs_ratio"] = fp.macs / cfp.macs
     out["macs_reduction"] = 100 * (1 - cfp.macs / fp.macs)
+    out["macs_nz_ratio"] = fp.macs / cfp.macs_nz
+    out["bytes_ratio"] = fp.model_bytes / cfp.model_bytes
     if fp.latency_ms and cfp.latency_ms:
         out["speedup"] = fp.latency_ms / cfp.latency_ms
     return out
@@ -221,6 +227,8 @@ def render(out: dict) -> str:
         ["params", _human(d["params"]), c and _human(c["params"])],
         ["stored params", _human(d["stored_params"]), c and _human(c["stored_params"])],
         ["FLOPs (MACs)", _human(d["macs"]), c and _human(c["macs"])],
+        ["FLOPs nz (MACs nz)", _human(d["macs_nz"]), c and _human(c["macs_nz"])],
+        ["model bytes", _human(d["model_bytes"]), c and _human(c["model_bytes"])],
         [
             "latency (ms)",
             d["latency_ms"] and f"{d['latency_ms']:.2f}",
@@ -233,9 +241,11 @@ def render(out: dict) -> str:
     if c:
         lines.append(
             f"params -{out['params_reduction']:.1f}% ({out['params_ratio']:.2f}x), "
-            f"MACs -{out['macs_reduction']:.1f}% ({out['macs_ratio']:.2f}x)"
+            f"MACs -{out['macs_reduction']:.1f}% ({out['macs_ratio']:.2f}x), "
+            f"MACs nz {out['macs_nz_ratio']:.2f}x, bytes {out['bytes_ratio']:.2f}x"
             + (f", measured speedup {out['speedup']:.2f}x" if "speedup" in out else "")
         )
+        lines.append(f"deployed: {c['deployed']}")
         for w in out["warnings"]:
             lines.append(f"warning: {w}")
     layers = (c or d)["layers"]

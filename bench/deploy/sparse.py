@@ -48,12 +48,11 @@ __all__ = [
 ]
 
 # A layer is tried in a sparse form only when at least this share of its weight is zeros: below it
-# CSR is many times slower than a dense conv here (benchmarks/sparse_layers.py), not worth timing.
-MIN_ZEROS = 0.5
+# CSR is many times slower than a dense conv here (5-10x at 60-80 % zeros,
+# benchmarks/sparse_layers.py), and timing it would cost seconds per layer.
+MIN_ZEROS = 0.9
 # The attribute a layer kept dense by a measured choice carries, so a second deploy skips it.
 _CHOICE = "_sparse_choice"
-# torch warns that sparse CSR is in beta on every construction
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 # ------------------------------------------------------------------------------ the custom op
@@ -90,7 +89,9 @@ class _CSRWeight(nn.Module):
     """A weight matrix (rows x K) stored as CSR parts (int32 indices), plus an optional bias."""
 
     def _store(self, matrix: torch.Tensor, bias: torch.Tensor | None) -> None:
-        csr = matrix.detach().to_sparse_csr()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta", on every call
+            warnings.simplefilter("ignore", UserWarning)
+            csr = matrix.detach().to_sparse_csr()
         self.register_buffer("crow", csr.crow_indices().to(torch.int32))
         self.register_buffer("col", csr.col_indices().to(torch.int32))
         self.register_buffer("values", csr.values().clone())
@@ -356,9 +357,16 @@ def sparsify(model: nn.Module, input_shape: tuple[int, ...] | None, timing: Any)
     """
     if timing is None or input_shape is None:
         return {}
+    notes = {
+        name: f"dense: nnz {1 - zeros:.0%}, too dense to try sparse (< {MIN_ZEROS:.0%} zeros)"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear)
+        and getattr(module, _CHOICE, None) is None
+        and 0.01 <= (zeros := zero_fraction(module)) < MIN_ZEROS
+    }
     names = [name for name, module in model.named_modules() if _candidate(module)]
     if not names:
-        return {}
+        return notes
     device = torch.device(timing.device)
     threads = torch.get_num_threads()
     if timing.threads:
@@ -370,7 +378,6 @@ def sparsify(model: nn.Module, input_shape: tuple[int, ...] | None, timing: Any)
             model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         inputs = _inputs(model, names, x)
-        notes = {}
         for name in names:
             if name not in inputs:  # never reached by the forward pass: nothing to time
                 continue
