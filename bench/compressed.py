@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from bench import footprint
+from bench.deploy import Deployment, Timing, deploy
+from bench.deploy.sparse import describe
 from bench.runs import Baseline, RunSpec
 from bench.tracking import RunHandle
 from bench.training import evaluate, recalibrate_bn, train
@@ -115,10 +117,11 @@ def run_body(
     handle.log_metrics(metrics)
     finetune(sweep, spec, method, model, handle, on_epoch)
     metrics |= evaluate_after_finetuning(sweep, spec, model)
-    metrics |= measure(sweep, spec, base, model)
+    measured, deployment = measure(sweep, spec, base, model)
+    metrics |= measured
     metrics["epochs_total"] = inner.epochs + spec.finetune_epochs
     metrics["wall_time_s"] = time.perf_counter() - t0
-    log(sweep, spec, method, model, handle, metrics)
+    log(sweep, spec, method, model, handle, metrics, deployment)
     return metrics
 
 
@@ -236,36 +239,53 @@ def evaluate_after_finetuning(sweep: Sweep, spec: RunSpec, model: nn.Module) -> 
     return out
 
 
-def measure(sweep: Sweep, spec: RunSpec, base: Baseline, model: nn.Module) -> dict[str, float]:
-    """Step 5b: params, stored params and MACs of the compressed model; its latency timed
-    interleaved with the trained dense baseline's (now, under the same machine state), both
-    deployed (``bench.deploy``), on every latency case of the study (device, backend, batch:
-    ``bench.footprint.latency_metrics`` names the metrics); and the ratios.
+def measure(
+    sweep: Sweep, spec: RunSpec, base: Baseline, model: nn.Module
+) -> tuple[dict[str, float], Deployment]:
+    """Step 5b: params, stored params, MACs, MACs nz and bytes of the deployed compressed model
+    (each layer in its form measured fastest on the headline latency case, ``bench.deploy``);
+    its latency timed interleaved with the trained dense baseline's (now, under the same machine
+    state), both deployed, on every latency case of the study (device, backend, batch:
+    ``bench.footprint.latency_metrics`` names the metrics); and the ratios. Returns the metrics
+    and the headline deployment (its notes go to ``layers.csv``).
 
     A tuning trial times the headline case only, briefly (a tenth of ``min_run_time``, at most
     0.1 s: enough to rank trials by speedup with ``tuning.objectives: [val_top1, latency]``)."""
     dense = sweep.dense_footprint()
-    fp = sweep.measure(model, stored_params(model), latency=False)
     lat = sweep.study.latency
     trial = not spec.final_stage
+    cases = sweep.latency_cases(trial=trial)
+    head = cases[0]
+    timing = Timing(head.device, head.batch_size, lat.threads)
+    deployment = deploy(copy.deepcopy(model).to(head.device), sweep.input_shape, timing)
+    fp = footprint.measure(
+        model, sweep.input_shape, stored=stored_params(model), latency=False, deployment=deployment
+    )
     results = footprint.compare_latencies(
         sweep.load_baseline(base),
         model,
         sweep.input_shape,
-        sweep.latency_cases(trial=trial),
+        cases,
         threads=lat.threads,
         min_run_time=min(0.1, lat.min_run_time / 10) if trial else 2 * lat.min_run_time,
+        deployed={(1, head.device, head.batch_size): deployment.model},
     )
     return {
         "params": fp.params,
         "stored_params": fp.stored_params,
         "macs": fp.macs,
+        "macs_nz": fp.macs_nz,
+        "model_bytes": fp.model_bytes,
         "dense_params": dense.params,
         "dense_macs": dense.macs,
+        "dense_macs_nz": dense.macs_nz,
+        "dense_model_bytes": dense.model_bytes,
         "params_ratio": dense.params / fp.stored_params,
         "macs_ratio": dense.macs / fp.macs,
+        "macs_nz_ratio": dense.macs / fp.macs_nz,
+        "bytes_ratio": dense.model_bytes / fp.model_bytes,
         **footprint.latency_metrics(results),
-    }
+    }, deployment
 
 
 def log(
@@ -275,11 +295,18 @@ def log(
     model: nn.Module,
     handle: RunHandle,
     metrics: dict[str, float],
+    deployment: Deployment | None = None,
 ) -> None:
-    """Step 6: the metrics, the per-layer table, the study and (for a final) the state dict."""
+    """Step 6: the metrics, the ``deployed`` tag (what was deployed: "structured" or e.g.
+    "masked dense: 13 layers; sparse: 2 layers"), the per-layer table (with the deployment's
+    per-layer notes), the study and (for a final) the state dict."""
     handle.log_metrics(metrics)
     handle.set_tags(sweep.latency_tags())
-    rows = footprint.layer_table(copy.deepcopy(model).cpu(), sweep.input_shape, method)
+    notes = None
+    if deployment is not None:
+        handle.set_tags({"deployed": describe(deployment.model)})
+        notes = deployment.notes
+    rows = footprint.layer_table(copy.deepcopy(model).cpu(), sweep.input_shape, method, notes)
     handle.log_rows(rows, "layers.csv")
     handle.log_text(sweep.study.to_yaml(), "study.yaml")
     if spec.final_stage:

@@ -4,7 +4,13 @@
   masked tensors by their nonzeros (``methods.base.stored_params``).
 - MACs: multiply-accumulates of one forward pass of one image, from torch's own
   ``FlopCounterMode`` (it reports FLOPs = 2 x MACs). It counts what really executes, custom modules
-  included; masked weights cost their dense MACs.
+  included: masked weights cost their dense MACs, a layer deployed sparse its nnz x output
+  positions (``bench.deploy.sparse`` registers the FLOP formula of its op).
+- MACs nz (``macs_nz``): the multiply-accumulates that touch a stored nonzero, the pruning papers'
+  "FLOPs" for unstructured sparsity (ShrinkBench's ``flops_nz``): each conv / linear layer's MACs
+  times the nonzero share of its (masked or baked) weight; every other op as it executes.
+- model bytes: bytes really stored by the deployed model: dense tensors numel x element size
+  (BatchNorm buffers included, ``num_batches_tracked`` not), a sparse layer its values + indices.
 - latency: median wall time of a forward pass of a batch of the deployed model
   (``bench.deploy.deploy``), after warm-up, with a fixed thread count, per :class:`LatencyCase`
   (backend, device, batch): ``torch`` on CPU via ``torch.utils.benchmark.Timer`` (channels_last),
@@ -28,6 +34,8 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils.benchmark import Timer  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from bench.deploy import Deployment  # noqa: E402
+from bench.deploy.sparse import describe  # noqa: E402
 from methods.base import count_params, stored_params  # noqa: E402
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "compare_latencies",
     "compare_latency",
     "count_macs",
+    "count_macs_nz",
     "count_params",
     "deployable",
     "latency_cases",
@@ -44,6 +53,7 @@ __all__ = [
     "layer_table",
     "measure",
     "measure_latency",
+    "model_bytes",
     "stored_params",
     "timer_kind",
 ]
@@ -56,17 +66,71 @@ def _example(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) ->
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass of ONE image of ``input_shape`` (C, H, W)."""
+def _flop_counts(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
+    """FLOPs of one forward pass of one image: the total and per module (``Root.name`` keys)."""
     was_training = model.training
     model.eval()
     try:
         counter = FlopCounterMode(display=False)
         with counter:
             model(_example(model, input_shape, 1))
-        return int(counter.get_total_flops()) // 2
     finally:
         model.train(was_training)
+    per_module = {k: int(sum(v.values())) for k, v in counter.get_flop_counts().items()}
+    return int(counter.get_total_flops()), per_module
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of ONE image of ``input_shape`` (C, H, W)."""
+    return _flop_counts(model, input_shape)[0] // 2
+
+
+def _weight_layers(model: nn.Module):
+    """(FlopCounterMode key, module) of every conv / linear layer of ``model``."""
+    root = type(model).__name__
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            yield (f"{root}.{name}" if name else root), name, module
+
+
+def count_macs_nz(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates that touch a stored nonzero, per image (ShrinkBench's ``flops_nz``).
+
+    Each conv / linear layer counts its executed MACs times the nonzero share of its weight
+    (masked weights through their mask, baked ones by their zeros); every other op, a sparse
+    layer's (already nnz x positions) included, counts as it executes.
+    """
+    from bench.deploy.sparse import zero_fraction
+
+    total, per_module = _flop_counts(model, input_shape)
+    zeroed = sum(
+        per_module.get(key, 0) * zero_fraction(module) for key, _, module in _weight_layers(model)
+    )
+    return round(total - zeroed) // 2
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes ``model`` stores: dense tensors numel x element size (buffers included, BatchNorm's
+    ``num_batches_tracked`` not); a layer stored sparse (``stored_bytes()``) its values, indices
+    and bias as stored. Measure the deployed model: a masked weight before baking also stores
+    its mask."""
+    from bench.deploy.sparse import is_sparse_module
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if id(module) in seen:
+            continue
+        if is_sparse_module(module):
+            total += int(module.stored_bytes())
+            seen |= {id(m) for m in module.modules()}
+            continue
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, tensor in tensors:
+            if tensor is None or id(tensor) in seen or name == "num_batches_tracked":
+                continue
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def deployable(model: nn.Module) -> nn.Module:
@@ -154,18 +218,32 @@ def _cuda_samples(fn, min_run_time: float, device: torch.device) -> list[float]:
     return times
 
 
+def _deploy_for(model, input_shape, case: LatencyCase, threads: int) -> nn.Module:
+    """``model`` deployed for ``case``'s device and batch (per-layer forms timed there)."""
+    from bench.deploy import Timing, deploy
+
+    model = copy.deepcopy(model).to(torch.device(case.device)).eval()
+    return deploy(model, input_shape, Timing(case.device, case.batch_size, threads)).model
+
+
 class _Runner:
     """One deployed model ready to time on one case; :meth:`samples` returns seconds per call."""
 
-    def __init__(self, model, input_shape, case: LatencyCase, threads: int, channels_last: bool):
-        from bench.deploy import Timing, deploy
+    def __init__(
+        self,
+        model,
+        input_shape,
+        case: LatencyCase,
+        threads: int,
+        channels_last: bool,
+        deployed: nn.Module | None = None,
+    ):
         from bench.deploy import onnx as onnx_deploy
 
         self.case, self.threads = case, threads
         device = torch.device(case.device)
-        model = copy.deepcopy(model).to(device).eval()
-        timing = Timing(case.device, case.batch_size, threads)
-        model = deploy(model, input_shape, timing).model
+        model = copy.deepcopy(deployed or _deploy_for(model, input_shape, case, threads))
+        model = model.to(device).eval()
         x = torch.randn(case.batch_size, *input_shape, device=device)
         if case.backend == "onnxruntime":
             sess = onnx_deploy.session(onnx_deploy.export(model, input_shape), threads)
@@ -202,8 +280,12 @@ def compare_latencies(
     min_run_time: float = 0.5,
     rounds: int = 3,
     channels_last: bool = True,
+    deployed: dict[tuple[int, str, int], nn.Module] | None = None,
 ) -> dict[LatencyCase, tuple[float, float]]:
     """(dense ms, compressed ms) per case: medians over ``rounds`` interleaved measurements.
+
+    ``deployed`` holds deployments already made, keyed ``(0 dense | 1 compressed, device,
+    batch)``; each model is deployed once per (device, batch) (the backends share it).
 
     Both models go through ``bench.deploy.deploy`` for the case's device and batch (the
     ``onnxruntime`` backend then exports the deployed model to ONNX, checks its outputs
@@ -213,11 +295,15 @@ def compare_latencies(
     other load), so a speedup is not an artefact of when each was timed.
     """
     threads = threads or torch.get_num_threads()
+    known = dict(deployed or {})
     results = {}
     for case in cases:
-        runners = [
-            _Runner(m, input_shape, case, threads, channels_last) for m in (dense, compressed)
-        ]
+        runners = []
+        for i, m in enumerate((dense, compressed)):
+            key = (i, case.device, case.batch_size)
+            if key not in known:
+                known[key] = _deploy_for(m, input_shape, case, threads)
+            runners.append(_Runner(m, input_shape, case, threads, channels_last, known[key]))
         samples: list[list[float]] = [[], []]
         for _ in range(rounds):
             for i, runner in enumerate(runners):
@@ -282,16 +368,23 @@ class Footprint:
     """Size and cost of one model at one input shape.
 
     Attributes:
-        params: dense parameter count.
+        params: parameters of the deployed model (a layer deployed sparse by its stored values).
         stored_params: values stored (masked tensors by nnz).
-        macs: multiply-accumulates per image.
+        macs: multiply-accumulates per image the deployed model executes.
+        macs_nz: multiply-accumulates per image that touch a stored nonzero.
+        model_bytes: bytes the deployed model stores (values + indices of sparse layers).
         latency_ms: median batch latency, or None when not measured.
+        deployed: what was deployed (``bench.deploy.sparse.describe``): "structured" or e.g.
+            "masked dense: 13 layers; sparse: 2 layers".
     """
 
     params: int
     stored_params: int
     macs: int
+    macs_nz: int
+    model_bytes: int
     latency_ms: float | None = None
+    deployed: str = "structured"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,20 +401,29 @@ def measure(
     min_run_time: float = 0.5,
     device: str = "cpu",
     backend: str = "torch",
+    deployment: Deployment | None = None,
 ) -> Footprint:
-    """Params, stored params, MACs and (optionally) latency of ``model``.
+    """Params, stored params, MACs, MACs nz, model bytes and (optionally) latency of ``model``.
+
+    Counts are taken on the deployed model: ``deployment`` when given (``bench.deploy.deploy``
+    of ``model``, e.g. with measured per-layer choices), else ``deploy(model)``.
 
     Args:
         stored: a stored-parameter count already taken (e.g. before ``model`` was copied);
             defaults to ``stored_params(model)``.
     """
+    from bench.deploy import deploy
+
+    deployed = (deployment or deploy(model, input_shape)).model
     return Footprint(
-        params=count_params(model),
+        params=count_params(deployed),
         stored_params=stored if stored is not None else stored_params(model),
-        macs=count_macs(model, input_shape),
+        macs=count_macs(deployed, input_shape),
+        macs_nz=count_macs_nz(deployed, input_shape),
+        model_bytes=model_bytes(deployed),
         latency_ms=(
             measure_latency(
-                model,
+                deployed,
                 input_shape,
                 batch_size=batch_size,
                 threads=threads,
@@ -332,50 +434,50 @@ def measure(
             if latency
             else None
         ),
+        deployed=describe(deployed),
     )
 
 
-@torch.no_grad()
 def layer_table(
-    model: nn.Module, input_shape: tuple[int, ...], method: Any = None
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    method: Any = None,
+    notes: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per conv / linear leaf: name, kind, shape, params, stored params, MACs per image.
+    """One row per conv / linear leaf: name, kind, shape, params, stored params, MACs and MACs nz
+    per image.
 
     MACs per layer come from ``FlopCounterMode``'s per-module breakdown, so the rows add up to
     :func:`count_macs` for conv nets (elementwise ops are not counted by torch either). With a
-    ``method``, the facts of its ``layer_table`` hook (rank, kept filters) join the matching rows.
+    ``method``, the facts of its ``layer_table`` hook (rank, kept filters) join the matching rows;
+    ``notes`` (``Deployment.notes``, by layer name) join as a ``deployed`` column.
     """
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter:
-            model(_example(model, input_shape, 1))
-    finally:
-        model.train(was_training)
-    per_module = counter.get_flop_counts()
-    root = type(model).__name__
+    from bench.deploy.sparse import zero_fraction
+
+    _, per_module = _flop_counts(model, input_shape)
     rows = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d | nn.Linear):
-            continue
-        key = f"{root}.{name}" if name else root
-        flops = sum(per_module.get(key, {}).values())
-        weight = module.weight
+    for key, name, module in _weight_layers(model):
+        macs = per_module.get(key, 0) // 2
         rows.append(
             {
                 "layer": name,
                 "kind": type(module).__name__,
-                "shape": "x".join(str(s) for s in weight.shape),
+                "shape": "x".join(str(s) for s in module.weight.shape),
                 "params": count_params(module),
                 "stored_params": stored_params(module),
-                "macs": int(flops) // 2,
+                "macs": macs,
+                "macs_nz": round(macs * (1.0 - zero_fraction(module))),
             }
         )
     if method is not None:
         extra = {row.get("layer"): row for row in method.layer_table(model)}
         rows = [
             {**row, **{k: v for k, v in extra.get(row["layer"], {}).items() if k != "layer"}}
+            for row in rows
+        ]
+    if notes:
+        rows = [
+            {**row, "deployed": notes[row["layer"]]} if row["layer"] in notes else row
             for row in rows
         ]
     return rows

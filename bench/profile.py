@@ -187,6 +187,7 @@ def profile(args) -> dict:
     import torch  # see the note on imports at the top
 
     from bench import footprint
+    from bench.deploy import Timing, deploy
     from bench.models import create_model
     from methods.base import CalibData, CompressionWarning, create_method, no_finetune
 
@@ -235,18 +236,29 @@ def profile(args) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         compressed = method.compress(copy.deepcopy(dense), target, calib, no_finetune()).eval()
-    cfp = footprint.measure(compressed, shape, latency=False)
+    # every layer in its fastest form, measured on the headline case (not without latency)
+    head = cases[0] if cases and not args.no_latency else None
+    timing = head and Timing(head.device, head.batch_size, threads)
+    deployment = deploy(compressed, shape, timing)
+    cfp = footprint.measure(compressed, shape, latency=False, deployment=deployment)
     if not args.no_latency:  # both models deployed and timed interleaved, per case
-        results = footprint.compare_latencies(dense, compressed, shape, cases, threads=threads)
+        results = footprint.compare_latencies(
+            dense,
+            compressed,
+            shape,
+            cases,
+            threads=threads,
+            deployed={(1, head.device, head.batch_size): deployment.model},
+        )
         out["latency"] = [
             {**dataclasses.asdict(case), "dense_ms": d, "compressed_ms": c, "speedup": d / c}
             for case, (d, c) in results.items()
         ]
-        head = out["latency"][0]
-        out["dense"]["latency_ms"] = head["dense_ms"]
-        fp = dataclasses.replace(fp, latency_ms=head["dense_ms"])
-        cfp = dataclasses.replace(cfp, latency_ms=head["compressed_ms"])
-    layers = footprint.layer_table(compressed, shape, method)
+        first = out["latency"][0]
+        out["dense"]["latency_ms"] = first["dense_ms"]
+        fp = dataclasses.replace(fp, latency_ms=first["dense_ms"])
+        cfp = dataclasses.replace(cfp, latency_ms=first["compressed_ms"])
+    layers = footprint.layer_table(compressed, shape, method, deployment.notes)
     out["method"] = args.method
     out["hyperparameters"] = method.hyperparameters()
     out["target"] = target.label
@@ -256,6 +268,8 @@ def profile(args) -> dict:
     out["params_reduction"] = 100 * (1 - cfp.stored_params / fp.params)  # percent, as in reports
     out["macs_ratio"] = fp.macs / cfp.macs
     out["macs_reduction"] = 100 * (1 - cfp.macs / fp.macs)
+    out["macs_nz_ratio"] = fp.macs / cfp.macs_nz
+    out["bytes_ratio"] = fp.model_bytes / cfp.model_bytes
     if fp.latency_ms and cfp.latency_ms:
         out["speedup"] = fp.latency_ms / cfp.latency_ms
     return out
@@ -280,6 +294,8 @@ def render(out: dict) -> str:
         ["params", _human(d["params"]), c and _human(c["params"])],
         ["stored params", _human(d["stored_params"]), c and _human(c["stored_params"])],
         ["FLOPs (MACs)", _human(d["macs"]), c and _human(c["macs"])],
+        ["FLOPs nz (MACs nz)", _human(d["macs_nz"]), c and _human(c["macs_nz"])],
+        ["model bytes", _human(d["model_bytes"]), c and _human(c["model_bytes"])],
     ]
     for case in out.get("latency", []):  # one row per (backend, device, batch)
         compressed_ms = case.get("compressed_ms")
@@ -296,13 +312,15 @@ def render(out: dict) -> str:
     if c:
         lines.append(
             f"params -{out['params_reduction']:.1f}% ({out['params_ratio']:.2f}x), "
-            f"MACs -{out['macs_reduction']:.1f}% ({out['macs_ratio']:.2f}x)"
+            f"MACs -{out['macs_reduction']:.1f}% ({out['macs_ratio']:.2f}x), "
+            f"MACs nz {out['macs_nz_ratio']:.2f}x, bytes {out['bytes_ratio']:.2f}x"
         )
         for case in out.get("latency", []):
             lines.append(
                 f"measured speedup {case['speedup']:.2f}x ({case['backend']} on "
                 f"{case['device']}, batch {case['batch_size']}, {out['threads']} threads)"
             )
+        lines.append(f"deployed: {c['deployed']}")
         for w in out["warnings"]:
             lines.append(f"warning: {w}")
     layers = (c or d)["layers"]

@@ -10,6 +10,7 @@ for the method and its citation.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "add_ridge",
     "greedy_bilateral",
     "input_covariance",
+    "output_gram",
     "reconstruction_error",
 ]
 
@@ -55,15 +57,9 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-@torch.no_grad()
-def input_covariance(
-    model: nn.Module, name: str, data: CalibData, n_samples: int, *, max_columns: int = MAX_COLUMNS
-) -> torch.Tensor:
-    """Sigma = X X^T / n (float64, d x d) of layer ``name``'s inputs in ``model`` as it is now.
-
-    Runs up to ``n_samples`` training images, stopping each forward pass at the layer; keeps a
-    random subset of patches (``max_columns`` in all, spread over the batches by image count).
-    """
+def _sampled_rows(model: nn.Module, name: str, data: CalibData, n_samples: int, max_columns: int):
+    """Yield batches of the layer's input patches (float64 rows of X^T), randomly subsampled to
+    ``max_columns`` in all (spread over the batches by image count)."""
     module = model.get_submodule(name)
     device = module.weight.device
 
@@ -71,7 +67,7 @@ def input_covariance(
         raise _Captured(args[0])
 
     handle = module.register_forward_pre_hook(hook)
-    sigma, columns, seen = None, 0, 0
+    seen = 0
     try:
         for images, _ in data.batches():
             images = images[: n_samples - seen].to(device)
@@ -83,24 +79,64 @@ def input_covariance(
             keep = math.ceil(max_columns * len(images) / n_samples)
             if rows.shape[0] > keep:
                 rows = rows[torch.randperm(rows.shape[0])[:keep].to(device)]
-            rows = rows.double()
-            sigma = rows.T @ rows if sigma is None else sigma + rows.T @ rows
-            columns += rows.shape[0]
+            yield rows.double()
             seen += len(images)
             if seen >= n_samples:
                 break
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def input_covariance(
+    model: nn.Module, name: str, data: CalibData, n_samples: int, *, max_columns: int = MAX_COLUMNS
+) -> torch.Tensor:
+    """Sigma = X X^T / n (float64, d x d) of layer ``name``'s inputs in ``model`` as it is now.
+
+    Runs up to ``n_samples`` training images, stopping each forward pass at the layer; keeps a
+    random subset of patches (``max_columns`` in all, spread over the batches by image count).
+    """
+    sigma, columns = None, 0
+    for rows in _sampled_rows(model, name, data, n_samples, max_columns):
+        sigma = rows.T @ rows if sigma is None else sigma + rows.T @ rows
+        columns += rows.shape[0]
     if sigma is None:
         raise MethodConfigError("lrsd: the calibration data yielded no batches")
     return sigma / columns
 
 
+@torch.no_grad()
+def output_gram(
+    model: nn.Module,
+    name: str,
+    w: torch.Tensor,
+    data: CalibData,
+    n_samples: int,
+    eps: float,
+    *,
+    max_columns: int = MAX_COLUMNS,
+) -> torch.Tensor:
+    """W (Sigma + ridge) W^T (m x m, float64) with Sigma and its ridge as ``input_covariance`` and
+    ``add_ridge`` make them (the same sampled patches), but from the layer's outputs W X: m x n
+    products instead of forming the d x d Sigma (10x less work at d = 4608)."""
+    gram, sq, columns = None, 0.0, 0
+    for rows in _sampled_rows(model, name, data, n_samples, max_columns):
+        out = rows @ w.T  # n x m
+        gram = out.T @ out if gram is None else gram + out.T @ out
+        sq += float((rows * rows).sum())
+        columns += rows.shape[0]
+    if gram is None:
+        raise MethodConfigError("lrsd: the calibration data yielded no batches")
+    scale = max(sq / columns / w.shape[1], 1e-12)  # mean(diag Sigma), as add_ridge takes it
+    return gram / columns + eps * scale * (w @ w.T)
+
+
 def add_ridge(sigma: torch.Tensor, eps: float) -> torch.Tensor:
     """Sigma + eps * mean(diag Sigma) * I: scale-free, and positive definite for eps > 0."""
     scale = float(sigma.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
-    return sigma + eps * scale * eye
+    out = sigma.clone()
+    out.diagonal().add_(eps * scale)  # no d x d identity: at d = 4608 that was 0.5 s a layer
+    return out
 
 
 # ------------------------------------------------------------------------------------ solver
@@ -122,6 +158,15 @@ def _hard_threshold(matrix: torch.Tensor, nnz: int) -> torch.Tensor:
     mask = torch.zeros(matrix.numel(), dtype=matrix.dtype, device=matrix.device)
     mask[torch.topk(matrix.abs().flatten(), nnz).indices] = 1.0
     return mask.reshape(matrix.shape)
+
+
+def _sparse_times(s: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``s @ dense`` for a mostly-zero ``s`` (m x d): a CSR product, nnz x columns of work."""
+    if s.device.type != "cpu" or int(torch.count_nonzero(s)) > 0.3 * s.numel():
+        return s @ dense
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse.mm(s.to_sparse_csr(), dense)
 
 
 def _objective(error: torch.Tensor, sigma: torch.Tensor) -> float:
@@ -167,6 +212,10 @@ def greedy_bilateral(
     # step 1 / Lipschitz constant of the S-gradient; 5 % margin over the power estimate
     eta = 1.0 / max(1.05 * _top_eigenvalue(sigma), 1e-30)
     s_started = rank == 0
+    # With a sparse part, every product with Sigma is split as (W - UV - S) Sigma = W Sigma -
+    # U (V Sigma) - S Sigma: W Sigma once (m d^2), S Sigma as a sparse product (nnz d), instead of
+    # an m x d x d product per step (the same numbers up to rounding, 10-30x less work)
+    w_sigma = w @ sigma if nnz > 0 else None
     while True:
         if u.shape[1] < rank:
             # greedy step: new directions = top left singular vectors of R Sigma^(1/2), R the
@@ -185,10 +234,16 @@ def greedy_bilateral(
                     # first S: the thresholded residual (exact for Sigma = I), kept if it helps
                     residual = w - u @ v
                     mask = _hard_threshold(residual, nnz)
-                    if _objective(residual * (1 - mask), sigma) < _objective(residual, sigma):
-                        s = residual * mask
+                    r_sigma = w_sigma - u @ (v @ sigma)
+                    kept = residual * mask
+                    rest = residual - kept  # residual * (1 - mask)
+                    before = 0.5 * float((r_sigma * residual).sum())
+                    after = 0.5 * float(((r_sigma - _sparse_times(kept, sigma)) * rest).sum())
+                    if after < before:
+                        s = kept
                     s_started = True
-                grad = (w - u @ v - s) @ sigma  # minus the gradient in S
+                # minus the gradient in S: (W - UV - S) Sigma
+                grad = w_sigma - u @ (v @ sigma) - _sparse_times(s, sigma)
                 mask = _hard_threshold(s + eta * grad, nnz)
                 s = (s + eta * grad) * mask
             if u.shape[1] > 0:
@@ -199,7 +254,8 @@ def greedy_bilateral(
                 gram = (v @ sv).double()
                 ridge = 1e-12 * float(gram.diagonal().mean().clamp_min(1e-300))
                 gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=w.device)
-                u = torch.linalg.solve(gram, (a @ sv).T.double()).T.to(w.dtype)
+                a_sv = a @ sv if w_sigma is None else w_sigma @ v.T - _sparse_times(s, sv)
+                u = torch.linalg.solve(gram, a_sv.T.double()).T.to(w.dtype)
                 u, _ = torch.linalg.qr(u)
                 v = u.T @ a
         if u.shape[1] >= rank:

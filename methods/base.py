@@ -71,12 +71,23 @@ class CompressionWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------------------- units
+def _sparse_modules(model: nn.Module) -> tuple[int, set[int]]:
+    """Values stored by the layers that store only some of their weight (a ``stored_values()``
+    method, e.g. ``bench.deploy.sparse``), and the ids of those layers' own parameters."""
+    sparse = [m for m in model.modules() if callable(getattr(m, "stored_values", None))]
+    return sum(int(m.stored_values()) for m in sparse), {
+        id(p) for m in sparse for p in m.parameters()
+    }
+
+
 def count_params(model: nn.Module) -> int:
     """All parameters inference needs (classifier included), as dense values.
 
-    Parametrised tensors (``torch.nn.utils.parametrize``) count their original tensor once.
+    Parametrised tensors (``torch.nn.utils.parametrize``) count their original tensor once; a
+    layer stored sparse (it offers ``stored_values()``) counts the values it stores.
     """
-    return sum(p.numel() for p in model.parameters())
+    total, skip = _sparse_modules(model)
+    return total + sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 def stored_params(model: nn.Module) -> int:
@@ -85,10 +96,10 @@ def stored_params(model: nn.Module) -> int:
     A tensor is masked when a parametrisation on it has a ``mask`` buffer (see ``methods._masks``)
     or when its module exposes ``weight_mask`` (``torch.nn.utils.prune``). Indices of the kept
     values are not counted (the papers do not count them either); dense values of a masked tensor
-    that the mask zeroes are not counted.
+    that the mask zeroes are not counted. A layer stored sparse (``stored_values()``) counts the
+    values it stores.
     """
-    total = 0
-    seen: set[int] = set()
+    total, seen = _sparse_modules(model)
     for module in model.modules():
         parametrizations = getattr(module, "parametrizations", None)
         if parametrizations is not None:

@@ -64,7 +64,7 @@ from methods._lowrank import (
     warn_adjusted,
     weight_matrix,
 )
-from methods._lrsd_solver import add_ridge, greedy_bilateral, input_covariance
+from methods._lrsd_solver import add_ridge, greedy_bilateral, input_covariance, output_gram
 from methods._masks import apply_mask, masked_weight
 from methods._modules import modules_in_run_order
 from methods.base import (
@@ -352,8 +352,7 @@ class LRSD(CompressionMethod):
         of W; layers the forward pass never reaches use Sigma = I."""
         w = weight_matrix(model.get_submodule(name)).double()
         if name in reached:
-            sigma = add_ridge(input_covariance(model, name, data, self.n_samples), self.eps)
-            gram = w @ sigma.to(w) @ w.T
+            gram = output_gram(model, name, w, data, self.n_samples, self.eps)
         else:
             gram = w @ w.T
         eig = torch.linalg.eigvalsh(0.5 * (gram + gram.T)).clamp_min(0.0)

@@ -53,6 +53,7 @@ def deploy(
     """The deployed form of ``model`` (left unchanged) for inputs of ``input_shape`` (C, H, W);
     choices by measurement need both ``input_shape`` and ``timing``."""
     from bench.deploy.fused import choose_factorised, fold_batchnorm
+    from bench.deploy.sparse import sparsify
     from methods._masks import bake_parametrizations
 
     deployed = bake_parametrizations(copy.deepcopy(model)).eval()
@@ -61,4 +62,5 @@ def deploy(
         notes |= fold_batchnorm(deployed, input_shape)
         if timing is not None:
             notes |= choose_factorised(deployed, input_shape, timing)
+    notes |= sparsify(deployed, input_shape, timing)
     return Deployment(deployed, notes)
