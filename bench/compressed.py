@@ -6,12 +6,15 @@ Every method goes through exactly these steps (the harness never branches on a m
 method receives while compressing (:class:`_HarnessFinetune`) trains under the study's fine-tuning
 recipe on the training split and logs its epochs as ``inner_*`` step metrics of the run. Only a
 final run (``spec.stage == "final"``) evaluates on test; a tuning trial never sees test data.
+:class:`StepClock` times the steps: every run logs ``time_<step>_s`` for each of :data:`STEPS`
+(each second counted in one step only), ``compress_epochs`` and ``wall_time_s``.
 A final whose achieved params ratio misses its target fails at once (:class:`TargetMissed`), before
 any fine-tuning: its numbers would stand under a target they did not reach.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -38,7 +41,51 @@ from methods.base import (
 if TYPE_CHECKING:  # bench.runner imports this module: annotations only, no import cycle
     from bench.runner import Sweep
 
-__all__ = ["TargetMissed", "run_body", "target_miss"]
+__all__ = ["STEPS", "StepClock", "TargetMissed", "run_body", "target_miss"]
+
+# The steps a compressed run's wall time is split into (metrics ``time_<step>_s``): compress (the
+# method's own work, its fine-tuning epochs and the finals' target check included), BatchNorm
+# re-estimation, evaluation (before and after fine-tuning; the per-epoch validation is part of
+# fine-tuning), fine-tuning, the measure step (params, MACs, latency) and logging to MLflow.
+STEPS = ("compress", "bn", "eval", "finetune", "latency", "log")
+
+
+class StepClock:
+    """Wall time per step of one run (:data:`STEPS`), each second counted in one step only.
+
+    ``with clock("eval"):`` charges its time to ``eval``; a step timed inside another (the
+    fine-tuning's per-epoch logging) pauses the outer one, so the steps add up to at most the
+    wall time since the clock was made (the rest: what no step covers, e.g. opening the run).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STEPS, 0.0)
+        self.start = self._since = time.perf_counter()
+        self._stack: list[str] = []
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        if step not in self.seconds:
+            raise ValueError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
+        self._switch()
+        self._stack.append(step)
+        try:
+            yield
+        finally:
+            self._switch()
+            self._stack.pop()
+
+    def _switch(self) -> None:
+        now = time.perf_counter()
+        if self._stack:
+            self.seconds[self._stack[-1]] += now - self._since
+        self._since = now
+
+    def metrics(self) -> dict[str, float]:
+        """``time_<step>_s`` for every step, and ``wall_time_s`` (seconds since the clock began)."""
+        out = {f"time_{step}_s": s for step, s in self.seconds.items()}
+        out["wall_time_s"] = time.perf_counter() - self.start
+        return out
 
 
 class TargetMissed(RuntimeError):
@@ -106,23 +153,38 @@ def run_body(
     """Compress the baseline, fine-tune, measure; log it all to ``handle``; return the metrics.
 
     ``on_epoch`` receives each epoch of the fine-tuning (Optuna reports and prunes through it).
+    The steps' wall times (:class:`StepClock`) are logged last, with ``wall_time_s``, and added to
+    ``sweep``'s per-method totals (:meth:`bench.runner.Sweep.add_step_times`) however the run
+    ends (a pruned trial, a missed target), for the sweep's closing summary.
     """
-    t0 = time.perf_counter()
-    method, model, inner = compress(sweep, spec, base, handle)
-    if spec.final_stage:
-        check_target(sweep, spec, model, handle)
-    metrics = {"baseline_val_top1": base.val_top1}
-    metrics |= recalibrate(sweep, spec, model)
-    metrics |= evaluate_before_finetuning(sweep, spec, base, model)
-    handle.log_metrics(metrics)
-    finetune(sweep, spec, method, model, handle, on_epoch)
-    metrics |= evaluate_after_finetuning(sweep, spec, model)
-    measured, deployment = measure(sweep, spec, base, model)
-    metrics |= measured
-    metrics["epochs_total"] = inner.epochs + spec.finetune_epochs
-    metrics["wall_time_s"] = time.perf_counter() - t0
-    log(sweep, spec, method, model, handle, metrics, deployment)
-    return metrics
+    clock = StepClock()
+    try:
+        with clock("compress"):
+            method, model, inner = compress(sweep, spec, base, handle)
+            if spec.final_stage:
+                check_target(sweep, spec, model, handle)
+        metrics = {"baseline_val_top1": base.val_top1}
+        metrics |= recalibrate(sweep, spec, model, clock)
+        with clock("eval"):
+            metrics |= evaluate_before_finetuning(sweep, spec, base, model)
+        with clock("log"):
+            handle.log_metrics(metrics)
+        with clock("finetune"):
+            finetune(sweep, spec, method, model, handle, on_epoch, clock)
+        with clock("eval"):
+            metrics |= evaluate_after_finetuning(sweep, spec, model)
+        with clock("latency"):
+            measured, deployment = measure(sweep, spec, base, model)
+            metrics |= measured
+        metrics["compress_epochs"] = inner.epochs
+        metrics["epochs_total"] = inner.epochs + spec.finetune_epochs
+        with clock("log"):
+            log(sweep, spec, method, model, handle, metrics, deployment)
+        times = clock.metrics()
+        handle.log_metrics(times)
+    finally:
+        sweep.add_step_times(spec.method, clock.seconds)
+    return metrics | times
 
 
 def compress(
@@ -168,23 +230,32 @@ def check_target(sweep: Sweep, spec: RunSpec, model: nn.Module, handle: RunHandl
         raise TargetMissed(reason)
 
 
-def recalibrate(sweep: Sweep, spec: RunSpec, model: nn.Module) -> dict[str, float]:
+def recalibrate(
+    sweep: Sweep, spec: RunSpec, model: nn.Module, clock: StepClock | None = None
+) -> dict[str, float]:
     """Step 2: re-estimate every BatchNorm's statistics on training batches (every method alike),
     so that the numbers before fine-tuning measure the compressed weights, not stale statistics.
 
     Returns ``val_top1_pre_ft`` (validation top-1 after it) and, when any BatchNorm was
-    re-estimated, ``val_top1_pre_bn`` (before it).
+    re-estimated, ``val_top1_pre_bn`` (before it). ``clock`` times the evaluations as ``eval``,
+    the re-estimation as ``bn``.
     """
-    before = evaluate(model, sweep.splits.val)["top1"]
-    if not recalibrate_bn(
-        model,
-        sweep.splits.train,
-        batches=spec.bn_recalibration_batches,
-        batch_size=spec.finetune.batch_size,
-        generator=torch.Generator().manual_seed(spec.seed + 2),
-    ):
+    clock = clock or StepClock()
+    with clock("eval"):
+        before = evaluate(model, sweep.splits.val)["top1"]
+    with clock("bn"):
+        recalibrated = recalibrate_bn(
+            model,
+            sweep.splits.train,
+            batches=spec.bn_recalibration_batches,
+            batch_size=spec.finetune.batch_size,
+            generator=torch.Generator().manual_seed(spec.seed + 2),
+        )
+    if not recalibrated:
         return {"val_top1_pre_ft": before}
-    return {"val_top1_pre_bn": before, "val_top1_pre_ft": evaluate(model, sweep.splits.val)["top1"]}
+    with clock("eval"):
+        after = evaluate(model, sweep.splits.val)["top1"]
+    return {"val_top1_pre_bn": before, "val_top1_pre_ft": after}
 
 
 def evaluate_before_finetuning(
@@ -206,12 +277,16 @@ def finetune(
     model: nn.Module,
     handle: RunHandle,
     on_epoch=None,
+    clock: StepClock | None = None,
 ) -> None:
     """Step 4: the harness's fine-tuning, ``spec.finetune_epochs`` under the study's recipe, with
-    the method's regulariser; each epoch is logged as step metrics and passed to ``on_epoch``."""
+    the method's regulariser; each epoch is logged as step metrics (timed as ``log`` by
+    ``clock``) and passed to ``on_epoch``."""
+    clock = clock or StepClock()
 
     def log_epoch(result):
-        handle.log_metrics(result.metrics(), step=result.epoch)
+        with clock("log"):
+            handle.log_metrics(result.metrics(), step=result.epoch)
         if on_epoch is not None:
             on_epoch(result)
 

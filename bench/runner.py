@@ -66,6 +66,12 @@ class Sweep:
             code_version.method_fingerprint(method)
         self._splits: Splits | None = None
         self._dense_fp: footprint.Footprint | None = None
+        # where this process's time went, for the closing summary (bench.sweep.time_table):
+        # seconds per method and step of the compressed runs run now (trials and finals), of
+        # each (method, ratio) pair as a whole, and of training the baselines
+        self.step_seconds: dict[str, dict[str, float]] = {}
+        self.method_seconds: dict[str, float] = {}
+        self.baseline_seconds: dict[int, float] = {}
 
     # ---------------------------------------------------------------------- data and models
     @property
@@ -159,6 +165,13 @@ class Sweep:
             self._dense_fp = self.measure(self.new_model(), None)
         return self._dense_fp
 
+    def add_step_times(self, method: str, seconds: dict[str, float]) -> None:
+        """Add one run's seconds per step (``bench.compressed.StepClock``) to ``method``'s."""
+        totals = self.step_seconds.setdefault(method, {})
+        for step, s in seconds.items():
+            totals[step] = totals.get(step, 0.0) + s
+        totals["runs"] = totals.get("runs", 0) + 1
+
     # ----------------------------------------------------------------------------- baselines
     def checkpoint_path(self, seed: int) -> Path:
         """Where the baseline of ``seed`` is cached (shared by every study with its key)."""
@@ -217,6 +230,7 @@ class Sweep:
         }
         if "top5" in test:
             metrics["test_top5"] = test["top5"]
+        self.baseline_seconds[seed] = metrics["wall_time_s"]
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         _atomic_save({"state_dict": state, "metrics": metrics}, path)
         self.say(

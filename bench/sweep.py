@@ -51,7 +51,14 @@ if TYPE_CHECKING:
 # bench.runner, bench.tuning) and pandas are imported where first needed, after the checks that
 # need none of them (check_study): a typo is answered at once, without loading them
 
-__all__ = ["check_study", "main", "next_commands", "run_method_ratio", "validate_study"]
+__all__ = [
+    "check_study",
+    "main",
+    "next_commands",
+    "run_method_ratio",
+    "time_table",
+    "validate_study",
+]
 
 
 def build_parser() -> ArgumentParser:
@@ -326,6 +333,31 @@ def summary_table(results) -> str:
     return agg.reset_index().to_markdown(index=False, floatfmt=".2f")
 
 
+def time_table(sweep) -> str:
+    """Where this process's time went: the baselines it trained, then per method the seconds of
+    its (method, ratio) pairs split into the steps of its compressed runs (trials and finals,
+    ``bench.compressed.STEPS``) and ``other`` (what no step covers: tuning, the stores, opening and
+    closing runs). Runs skipped as already finished cost nothing and are not counted."""
+    from bench.compressed import STEPS  # torch: see the note on imports at the top
+
+    names = {"bn": "BN", "eval": "eval", "finetune": "fine-tune", "log": "logging"}
+    lines = [
+        f"baseline seed {seed}: trained in {seconds:.0f} s"
+        for seed, seconds in sorted(sweep.baseline_seconds.items())
+    ]
+    rows = []
+    for method, total in sweep.method_seconds.items():
+        steps = sweep.step_seconds.get(method, {})
+        row = {"method": method, "runs": int(steps.get("runs", 0)), "total s": total}
+        row |= {names.get(step, step): steps.get(step, 0.0) for step in STEPS}
+        row["other"] = max(total - sum(steps.get(step, 0.0) for step in STEPS), 0.0)
+        rows.append(row)
+    if rows:
+        body = tabulate([list(r.values()) for r in rows], headers=list(rows[0]), floatfmt=".1f")
+        lines += ["wall time per method (s), split by step:", body]
+    return "\n".join(lines) if lines else "(nothing was run: no time to split)"
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -386,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if skipped == len(results) and results:
         print("nothing to train: every run of this study is already finished")
     print(summary_table(results))
+    print(f"\n{time_table(sweep)}")
     browse, report = next_commands(study.name, tracking_uri, storage if tuner else None)
     print(f"\nbrowse the runs:  {browse}")
     print(f"paper tables:     {report}")
@@ -433,6 +466,7 @@ def run_study(sweep, tuner, reruns=frozenset()) -> tuple[list[RunResult], list[s
     for method in study.methods:
         for ratio in study.ratios:
             label = Target.parse(ratio).label
+            started = time.perf_counter()
             try:
                 force = _selected(reruns, method, ratio)
                 with _stop_when_out_of_memory(study, f"{method} @ {label}"):
@@ -447,6 +481,9 @@ def run_study(sweep, tuner, reruns=frozenset()) -> tuple[list[RunResult], list[s
                     f"FAILED {method} @ {label}: {' '.join(str(err).split())[:200]}",
                     file=sys.stderr,
                 )
+            finally:
+                spent = time.perf_counter() - started
+                sweep.method_seconds[method] = sweep.method_seconds.get(method, 0.0) + spent
     return results, failures
 
 

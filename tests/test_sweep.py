@@ -1,6 +1,9 @@
 """The sweep end to end on the `smoke` study: runs, MLflow records, resume, bad inputs."""
 
+import contextlib
+import io
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -43,7 +46,10 @@ def smoke_results(tmp_path_factory):
     old = os.environ.get("FREQBENCH_RESULTS")
     os.environ["FREQBENCH_RESULTS"] = str(root)
     try:
-        assert sweep(*FAST) == 0
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert sweep(*FAST) == 0
+        (root / "sweep-stdout.txt").write_text(out.getvalue())  # what the first sweep printed
         yield root
     finally:
         if old is None:
@@ -112,6 +118,49 @@ def test_sweep_logs_every_run(smoke_results, monkeypatch):
     _, baselines = runs(stage="baseline")
     assert len(baselines) == 1 and "test_top1" in baselines[0].data.metrics
     assert list((smoke_results / "checkpoints").glob("*.pt"))
+
+
+STEP_TIMES = ("compress", "bn", "eval", "finetune", "latency", "log")
+
+
+@needs_fmnist
+def test_runs_log_their_time_per_step(smoke_results, monkeypatch):
+    monkeypatch.setenv("FREQBENCH_RESULTS", str(smoke_results))
+    _, finals = runs(stage="final")
+    study = load_study("smoke")
+    for run in finals:
+        m = run.data.metrics
+        steps = [m[f"time_{step}_s"] for step in STEP_TIMES]
+        assert all(s >= 0 for s in steps)
+        # every second in one step only: the steps add up to at most the run's wall time, and
+        # compressing, fine-tuning, evaluating and measuring each take some time
+        assert sum(steps) <= m["wall_time_s"]
+        assert sum(steps) >= 0.5 * m["wall_time_s"]
+        for step in ("compress", "eval", "finetune", "latency", "log"):
+            assert m[f"time_{step}_s"] > 0, step
+        assert m["time_bn_s"] > 0  # BN re-estimated (20 batches by default)
+        assert m["epochs_total"] == m["compress_epochs"] + study.finetune.epochs
+    # both one-shot by default (magnitude's schedule: oneshot): no training inside compress
+    assert {r.data.metrics["compress_epochs"] for r in finals} == {0}
+
+
+@needs_fmnist
+def test_summary_splits_each_methods_time_by_step(smoke_results):
+    out = (smoke_results / "sweep-stdout.txt").read_text()
+    assert re.search(r"^baseline seed 0: trained in \d+ s$", out, re.M)
+    table = out[out.index("wall time per method (s), split by step:") :].splitlines()
+    header = table[1].split()
+    assert header == [
+        "method", "runs", "total", "s", "compress", "BN", "eval", "fine-tune", "latency",
+        "logging", "other",
+    ]  # fmt: skip
+    rows = {line.split()[0]: line.split()[1:] for line in table[3:5]}
+    assert set(rows) == {"l1_filter", "magnitude"}
+    for cells in rows.values():
+        runs_now, total, *steps = cells
+        assert runs_now == "1"  # one final, no tuning
+        # the steps and "other" add up to the pair's total (to the rounding of 8 cells)
+        assert abs(sum(map(float, steps)) - float(total)) <= 0.05 * 8
 
 
 @needs_fmnist
