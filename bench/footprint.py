@@ -438,6 +438,18 @@ def measure(
     )
 
 
+def _note_of(layer: str, notes: dict[str, str]) -> str | None:
+    """The note of ``layer`` or of the nearest module above it (a factorised pair's note covers
+    both of its convs)."""
+    name = layer
+    while True:
+        if name in notes:
+            return notes[name]
+        if not name:
+            return None
+        name = name.rpartition(".")[0]
+
+
 def layer_table(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -477,7 +489,7 @@ def layer_table(
         ]
     if notes:
         rows = [
-            {**row, "deployed": notes[row["layer"]]} if row["layer"] in notes else row
+            {**row, "deployed": note} if (note := _note_of(row["layer"], notes)) else row
             for row in rows
         ]
     return rows
