@@ -81,6 +81,8 @@ SUMMARY_COLUMNS = [
     "macs_reduction",
     "speedup_mean",
     "speedup_std",
+    "compress_s",
+    "compress_epochs",
     "trials_used",
     "code_versions",
     "note",
@@ -221,6 +223,9 @@ def _measured_row(runs: pd.DataFrame, parent: pd.Series | None, baselines: pd.Da
         "macs_reduction": _mean(_reduction(_values(runs, "macs_ratio"))),
         "speedup_mean": _mean(speedup),
         "speedup_std": _std(speedup),
+        # the compression cost: NaN for runs recorded before the harness timed its steps
+        "compress_s": _mean(_values(runs, "time_compress_s")),
+        "compress_epochs": _mean(_values(runs, "compress_epochs")),
         "trials_used": _trials(parent),
         "code_versions": code_versions(runs),
         "note": "",
