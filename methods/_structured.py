@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from optuna.distributions import CategoricalDistribution
@@ -50,6 +51,7 @@ from methods.base import (
 
 __all__ = [
     "ConvRole",
+    "ParamsCounter",
     "PrunableModel",
     "StructuredPruning",
     "build_graph",
@@ -153,6 +155,67 @@ def _pruned_copy(
     return clone
 
 
+class ParamsCounter:
+    """``count_params`` of ``model`` pruned to ``counts[l]`` items in unit ``names[l]``, by
+    arithmetic on shapes instead of surgery: what :func:`params_after` says, without pruning a copy.
+
+    Pruning removes whole index ranges of parameter dimensions: each item (a filter, or one filter
+    per channel block) of a unit removes the same number of indices from each dimension it touches
+    (its BN's channels, the next conv's inputs, a concatenation's slice, a linear's flattened
+    features), so every dimension's size is affine in the items each unit removes and a tensor's
+    size is the product of its dimensions. Built by one pass of surgery on a copy (``graph`` is the
+    dependency graph of ``model``, neither is modified): one item out of each unit in turn, each
+    parameter's shape change recorded. A model whose pruning maps items unevenly (a split of a
+    unit's channels) breaks the premise: :func:`solve_ratio` checks its answer with real surgery.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        names: Sequence[str],
+        graph: tp.DependencyGraph,
+        channel_groups: Sequence[int] | None = None,
+    ) -> None:
+        blocks = channel_groups if channel_groups is not None else [1] * len(names)
+        clone, clone_graph = copy_with_graph(model, graph)
+
+        def shapes() -> np.ndarray:
+            out = np.ones((len(self._names), 4), dtype=np.int64)
+            params = dict(clone.named_parameters())
+            for t, name in enumerate(self._names):
+                shape = tuple(params[name].shape)
+                out[t, : len(shape)] = shape
+            return out
+
+        self._names = [name for name, _ in clone.named_parameters()]
+        if any(p.dim() > 4 for p in clone.parameters()):
+            raise ValueError("ParamsCounter handles parameters of up to 4 dimensions")
+        self.items = np.array(
+            [model.get_submodule(n).out_channels // g for n, g in zip(names, blocks)],
+            dtype=np.int64,
+        )
+        self._sizes = shapes()
+        # per unit: indices each parameter dimension loses per item the unit removes
+        self._per_item = np.zeros((len(names), *self._sizes.shape), dtype=np.int64)
+        before = self._sizes
+        for u, (name, g, n) in enumerate(zip(names, blocks, self.items)):
+            if n < 2:  # every unit keeps one item: this one never loses any
+                continue
+            size = model.get_submodule(name).out_channels // g
+            drop = {n - 1 + b * size for b in range(g)}  # its last item, in every block
+            keep = [i for i in range(g * size) if i not in drop]
+            prune_filters(clone, example, [name], [keep], graph=clone_graph)
+            after = shapes()
+            self._per_item[u] = before - after
+            before = after
+
+    def __call__(self, counts: Sequence[int]) -> int:
+        removed = self.items - np.asarray(counts, dtype=np.int64)
+        sizes = self._sizes - np.tensordot(removed, self._per_item, axes=1)
+        return int(sizes.prod(axis=1).sum())
+
+
 def solve_ratio(
     model: nn.Module,
     example: torch.Tensor,
@@ -165,6 +228,7 @@ def solve_ratio(
     graph: tp.DependencyGraph | None = None,
     channel_groups: Sequence[int] | None = None,
     roles: Sequence[ConvRole] | None = None,
+    params_of: Callable[[tuple[int, ...]], int] | None = None,
 ) -> list[int]:
     """Items (filters, or filter blocks: :func:`params_after`) to keep per layer so that dense /
     pruned params hits ``target.ratio``; ``scores`` has one entry per item.
@@ -172,9 +236,11 @@ def solve_ratio(
     Bisection over the number m of single-filter removals taken from :func:`removal_order`: params
     fall monotonically with m, and each step removes one filter. When the step across the target
     is too coarse for the tolerance (small models, one wide layer), one filter is added back to or
-    taken from each layer in turn and the closest of those candidates wins. Each probe prunes a
-    copy of ``model`` and of ``graph`` (its dependency graph on ``example``, traced once here when
-    None; neither is modified).
+    taken from each layer in turn and the closest of those candidates wins. Each probe counts the
+    params by :class:`ParamsCounter` on ``graph`` (the dependency graph of ``model`` on ``example``,
+    traced once here when None; neither is modified) and the answer is checked by pruning a copy
+    (:func:`params_after`): where they disagree, the search runs again on real surgery for every
+    probe. ``params_of`` (counts -> params) replaces both.
 
     Raises:
         MethodConfigError: the ratio is beyond what pruning every prunable layer to one item
@@ -184,8 +250,29 @@ def solve_ratio(
     """
     if target.ratio is None:
         raise ValueError("solve_ratio needs a ratio target")
-    goal = target.ratio
     graph = graph if graph is not None else build_graph(model, example)
+
+    def surgery(counts: tuple[int, ...]) -> int:
+        return params_after(
+            model, example, names, counts, graph=graph, channel_groups=channel_groups
+        )
+
+    args = (model, example, names, scores, target, allocation, method, graph, channel_groups)
+    if params_of is not None:
+        return _solve(*args, roles, params_of)
+    counter = ParamsCounter(model, example, names, graph, channel_groups)
+    counts = _solve(*args, roles, counter)
+    if counter(tuple(counts)) == surgery(tuple(counts)):
+        return counts
+    return _solve(*args, roles, surgery)  # uneven pruning (see ParamsCounter): the slow way
+
+
+def _solve(
+    model, example, names, scores, target, allocation, method, graph, channel_groups, roles,
+    params_of,
+) -> list[int]:  # fmt: skip
+    """:func:`solve_ratio`'s search, counting params with ``params_of``."""
+    goal = target.ratio
     dense = count_params(model)
     sizes = [len(s) for s in scores]
     order = removal_order(scores, allocation)
@@ -199,9 +286,7 @@ def solve_ratio(
 
     def ratio_of(counts: tuple[int, ...]) -> float:
         if counts not in cache:
-            cache[counts] = dense / params_after(
-                model, example, names, counts, graph=graph, channel_groups=channel_groups
-            )
+            cache[counts] = dense / params_of(counts)
         return cache[counts]
 
     def error(counts: tuple[int, ...]) -> float:

@@ -84,6 +84,8 @@ SUMMARY_COLUMNS = [
     "speedup_mean",
     "speedup_std",
     "latency_setting",
+    "compress_s",
+    "compress_epochs",
     "trials_used",
     "code_versions",
     "note",
@@ -241,6 +243,9 @@ def _measured_row(runs: pd.DataFrame, parent: pd.Series | None, baselines: pd.Da
         "speedup_std": _std(speedup),
         "latency_setting": latency_setting(runs),
         **{case: _mean(_values(runs, case)) for case in sorted(cases)},
+        # the compression cost: NaN for runs recorded before the harness timed its steps
+        "compress_s": _mean(_values(runs, "time_compress_s")),
+        "compress_epochs": _mean(_values(runs, "compress_epochs")),
         "trials_used": _trials(parent),
         "code_versions": code_versions(runs),
         "note": "",

@@ -165,6 +165,8 @@ def _row(
         "FLOPs (MACs) red. (%)": _num(row["macs_reduction"], 1),
         f"Speedup ({TIMES})": _mean_std(row["speedup_mean"], row["speedup_std"]),
         **{case_header(c): _num(row[c], 2) for c in cases},
+        "Compress (s)": _num(row["compress_s"], 1),
+        "Compress (epochs)": _num(row["compress_epochs"], 2),
         "Seeds": _int(row["n_seeds"]),
         "Trials": _int(row["trials_used"]),
         "Status": status,
@@ -216,6 +218,12 @@ def display_table(summary: pd.DataFrame, model: str, dataset: str) -> DisplayTab
         " latency, measured.",
     ]
     notes += latency_notes(rows, cases)
+    if rows["kind"].eq("measured").any():
+        notes.append(
+            "Compress: the compression cost, mean over seeds: wall time of the method's compress"
+            " step (its own fine-tuning included; the harness's fine-tuning after it is not) and"
+            f" the epochs it fine-tuned there; {DASH} for runs recorded before it was logged."
+        )
     if marks:
         notes.append("Bold: the best measured value of each column at each ratio.")
     if any(DAGGER in c.text for row in cells for c in row):

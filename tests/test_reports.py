@@ -304,6 +304,29 @@ def test_speedup_columns_say_device_backend_batch_and_threads(cli_report):
     assert setting in page and ort in page
 
 
+def test_compression_cost_is_a_column_with_a_dash_for_runs_without_it(cli_report):
+    out, _ = cli_report
+    csv = pd.read_csv(out / GROUP / "table.csv", dtype={"ratio": str, "seeds": str})
+    measured = csv[csv["kind"] == "measured"].set_index(["method", "ratio"])
+    # seeds 0 and 1 compressed in 30 and 31 s (freq_lowrank), 4 and 5 s (dct_pruning)
+    assert measured.loc[("freq_lowrank", "2"), "compress_s"] == pytest.approx(30.5)
+    assert measured.loc[("freq_lowrank", "4"), "compress_epochs"] == pytest.approx(2.5)
+    assert measured.loc[("dct_pruning", "2"), "compress_s"] == pytest.approx(4.5)
+    assert measured.loc[("magnitude", "2"), ["compress_s", "compress_epochs"]].isna().all()
+    md = (out / GROUP / "table.md").read_text()
+    header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    cost = header.index("Compress (s)"), header.index("Compress (epochs)")
+    row = _md_row(md, "freq_lowrank", f"2{TIMES}")
+    assert [row[i] for i in cost] == ["30.5", "2.50"]
+    row = _md_row(md, "dct_pruning", f"4{TIMES}")
+    assert [row[i] for i in cost] == ["4.5", "0.00"]
+    row = _md_row(md, "magnitude", f"2{TIMES}")  # recorded before the harness timed its steps
+    assert [row[i] for i in cost] == ["—", "—"]
+    assert "Compress: the compression cost" in md
+    tex = (out / GROUP / "table.tex").read_text()
+    assert "Compress (s)" in tex and "30.5" in tex
+
+
 def test_every_pareto_point_is_a_row_and_a_point(store, tmp_path):
     # tuning.mode: pareto: every point of a front has final runs of its own, and each is shown
     out = tmp_path / "pareto"

@@ -381,23 +381,23 @@ def test_methods_are_registered_with_their_families():
     assert all(methods.get_method_class(n).structured for n in STRUCTURED)
 
 
-def _fake_params(model, example, names, counts, *, graph=None, channel_groups=None):
+def _fake_params(counts):
     """Parameter arithmetic standing in for real surgery: a wide layer 0, a cheap layer 1."""
     return 1000 * counts[0] + 30 * counts[1] + 100
 
 
 def test_solve_ratio_nudges_one_filter_when_the_bisection_step_is_too_coarse(monkeypatch):
-    monkeypatch.setattr(structured, "params_after", _fake_params)
     monkeypatch.setattr(structured, "build_graph", lambda model, example: None)
     model = nn.Linear(2399, 1)  # 2400 dense params = 1000 * 2 + 30 * 10 + 100
     scores = [torch.rand(2), torch.rand(10)]
+    how = {
+        "allocation": "uniform",
+        "method": "x",
+        "params_of": _fake_params,
+    }
     # the removal path jumps from (2, 6) = 2280 params to (1, 6) = 1280; 1310 needs (1, 7)
-    counts = solve_ratio(
-        model, None, ["a", "b"], scores, Target(ratio=2400 / 1310), allocation="uniform", method="x"
-    )
+    counts = solve_ratio(model, None, ["a", "b"], scores, Target(ratio=2400 / 1310), **how)
     assert counts == [1, 7]
     with pytest.raises(MethodConfigError, match="cannot be met within 2% by x") as info:
-        solve_ratio(
-            model, None, ["a", "b"], scores, Target(ratio=1.5), allocation="uniform", method="x"
-        )
+        solve_ratio(model, None, ["a", "b"], scores, Target(ratio=1.5), **how)
     assert "\n" not in str(info.value)

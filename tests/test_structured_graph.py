@@ -15,10 +15,11 @@ import torch_pruning as tp
 from torch import nn
 
 import bench.models
-import methods._structured as structured
 from methods._modules import example_input
 from methods._structured import (
+    ParamsCounter,
     build_graph,
+    classify_layers,
     copy_with_graph,
     params_after,
     prunable_convs,
@@ -114,18 +115,51 @@ def test_solve_ratio_traces_once_and_matches_tracing_every_probe(
     fast = solve_ratio(model, example, names, scores, target, allocation=allocation, method="x")
     assert len(traces) == 1
     # the slow path: every probe deep-copies the model and traces the copy
-    monkeypatch.setattr(
-        structured,
-        "params_after",
-        lambda model, example, names, counts, graph, channel_groups: params_after(
-            model, example, names, counts, channel_groups=channel_groups
-        ),
+    slow = solve_ratio(
+        model,
+        example,
+        names,
+        scores,
+        target,
+        allocation=allocation,
+        method="x",
+        params_of=lambda counts: params_after(model, example, names, counts),
     )
-    slow = solve_ratio(model, example, names, scores, target, allocation=allocation, method="x")
     assert len(traces) > 5
     assert fast == slow
     dense = count_params(model)
     assert abs(dense / params_after(model, example, names, fast) / ratio - 1) <= 0.02
+
+
+COUNTED = [
+    "vgg16_bn_cifar",
+    "resnet20_cifar",  # option-A shortcuts with their custom pruner
+    "regnetx_002",  # grouped convs: units in channel blocks
+    "mobilenetv2_050",  # depthwise convs shrinking with their producers
+    pytest.param("densenet121", marks=pytest.mark.slow),  # concatenations
+    pytest.param("convnext_atto", marks=pytest.mark.slow),  # layer scale, LayerNorm
+]
+
+
+@pytest.mark.parametrize("name", COUNTED)
+def test_params_counter_counts_what_surgery_leaves(name):
+    if name.endswith("_cifar"):
+        model, example = paper_model(name)
+    else:
+        torch.manual_seed(0)
+        model = bench.models.create_model(name, num_classes=10, in_chans=3).eval()
+        example = example_input(model, SHAPE)
+    graph = build_graph(model, example)
+    units = [r for r in classify_layers(model, example, graph=graph) if r.is_unit]
+    names, blocks = [u.name for u in units], [u.channel_groups for u in units]
+    counter = ParamsCounter(model, example, names, graph, blocks)
+    gen = torch.Generator().manual_seed(1)
+    trials = [[u.items for u in units], [1] * len(units)]  # dense, and as far as it goes
+    trials += [[int(torch.randint(1, u.items + 1, (), generator=gen)) for u in units]]
+    for counts in trials:
+        real = params_after(model, example, names, counts, graph=graph, channel_groups=blocks)
+        assert counter(counts) == real
+    assert counter(trials[0]) == count_params(model)
 
 
 def test_copy_with_graph_of_a_deep_network_does_not_recurse_through_it():
