@@ -81,16 +81,19 @@ SUMMARY_COLUMNS = [
     "params_reduction",
     "macs",
     "macs_reduction",
+    "macs_nz",
+    "macs_nz_reduction",
     "speedup_mean",
     "speedup_std",
     "latency_setting",
     "compress_s",
     "compress_epochs",
     "trials_used",
+    "deployed",
     "code_versions",
     "note",
 ]
-_TEXT_COLUMNS = [*_KEY_COLUMNS, "latency_setting", "code_versions", "note"]
+_TEXT_COLUMNS = [*_KEY_COLUMNS, "latency_setting", "deployed", "code_versions", "note"]
 # Per latency case (bench.footprint.LatencyCase.key, "onnxruntime.cpu.b1"): metrics
 # "speedup.<key>"; a summary column "speedup.<key>" (mean over seeds) for each case besides the
 # headline, after SUMMARY_COLUMNS.
@@ -103,6 +106,7 @@ _TAGS = [*ROW_KEY] + [
         "seed",
         "family",
         "structured",
+        "deployed",
         "error",
         "optuna_study",
         "optuna_storage",
@@ -239,6 +243,9 @@ def _measured_row(runs: pd.DataFrame, parent: pd.Series | None, baselines: pd.Da
         "params_reduction": _mean(_reduction(_values(runs, "params_ratio"))),
         "macs": _mean(_values(runs, "macs")),
         "macs_reduction": _mean(_reduction(_values(runs, "macs_ratio"))),
+        # runs logged before macs_nz: their MACs (what they executed) stand in
+        "macs_nz": _mean(_values_or(runs, "macs_nz", "macs")),
+        "macs_nz_reduction": _mean(_reduction(_values_or(runs, "macs_nz_ratio", "macs_ratio"))),
         "speedup_mean": _mean(speedup),
         "speedup_std": _std(speedup),
         "latency_setting": latency_setting(runs),
@@ -247,6 +254,7 @@ def _measured_row(runs: pd.DataFrame, parent: pd.Series | None, baselines: pd.Da
         "compress_s": _mean(_values(runs, "time_compress_s")),
         "compress_epochs": _mean(_values(runs, "compress_epochs")),
         "trials_used": _trials(parent),
+        "deployed": first["tags.deployed"],
         "code_versions": code_versions(runs),
         "note": "",
     }
@@ -264,6 +272,12 @@ def latency_setting(runs: pd.DataFrame) -> str:
                 f"{run['tags.latency_batch']}, {run['tags.latency_threads']} threads"
             )
     return " / ".join(sorted(set(settings)))
+
+
+def _values_or(runs: pd.DataFrame, metric: str, fallback: str) -> np.ndarray:
+    """``metric`` of each run, ``fallback`` where a run did not log it (older runs)."""
+    values = _values(runs, metric)
+    return np.where(np.isnan(values), _values(runs, fallback), values)
 
 
 def _trials(parent: pd.Series | None) -> float:
@@ -316,8 +330,10 @@ def _baseline_row(baselines: pd.DataFrame, finals: pd.DataFrame) -> dict | None:
         "top5_std": _std(top5),
         "params": _mean(params),
         "macs": _mean(macs),
+        "macs_nz": _mean(macs),  # the dense model stores no zeros
         "params_reduction": 0.0,
         "macs_reduction": 0.0,
+        "macs_nz_reduction": 0.0,
         "speedup_mean": 1.0,
         "code_versions": code_versions(baselines) if len(baselines) else "",
         "note": "",
@@ -341,6 +357,8 @@ def _reported_row(ref: Reference, families: dict[str, str]) -> dict:
         "params_reduction": m.get("params_reduction", math.nan),
         "macs": m.get("macs", math.nan),
         "macs_reduction": m.get("macs_reduction", math.nan),
+        "macs_nz": m.get("macs_nz", math.nan),
+        "macs_nz_reduction": m.get("macs_nz_reduction", math.nan),
         "speedup_mean": m.get("speedup", math.nan),
         "note": f"{ref.paper}" + (f" ({named})" if named else "") + f"; {ref.source}",
     }

@@ -36,7 +36,7 @@ MANIFEST = ".report-files"  # what the last report wrote in its folder (see _for
 
 _PLOT_CAPTIONS = {
     "params": "Test top-1 vs params reduction",
-    "macs": "Test top-1 vs FLOPs (MACs) reduction",
+    "macs": "Test top-1 vs FLOPs nz (MACs on stored nonzeros) reduction",
     "speedup": "Test top-1 vs measured speedup",
 }
 

@@ -131,7 +131,7 @@ def _study_of(runs: list[dict]) -> StudyRuns:
     records = []
     for i, run in enumerate(runs):
         tags = {"model": "resnet50", "dataset": "imagenet", "seed": "0", "family": "frequency"}
-        tags.update(structured="true", stage=run["stage"], **run.get("tags", {}))
+        tags.update({"structured": "true", "stage": run["stage"], **run.get("tags", {})})
         record = {"run_id": f"r{i:02d}", "status": run.get("status", "FINISHED"), "start_time": i}
         record.update({f"tags.{k}": v for k, v in tags.items()})
         record.update({f"metrics.{k}": v for k, v in run.get("metrics", {}).items()})
@@ -181,6 +181,44 @@ def test_summary_counts_a_rerun_seed_once_and_shows_top5_when_logged():
     # per-layer rates: labelled by their spec and the params ratio they reached
     assert ratios == ["—", f"2{TIMES}", f"4{TIMES}", f"16{TIMES}", f"rates:0.5,0.9 (5.00{TIMES})"]
     assert rows[(f"rates:0.5,0.9 (5.00{TIMES})", "dct_pruning")]["Params red. (%)"] == "80.0"
+
+
+def test_flops_nz_column_and_the_dagger_follow_what_each_run_deployed():
+    def run(method: str, ratio: str, structured: str, deployed: str | None, **metrics) -> dict:
+        tags = {"structured": structured} | ({} if deployed is None else {"deployed": deployed})
+        out = _final(method, ratio, 70.0, **tags)
+        out["metrics"] |= metrics
+        return out
+
+    runs = [
+        {"stage": "baseline", "metrics": {"test_top1": 76.0, "macs": 1e9}},
+        # lrsd's S branches deployed sparse: no layer multiplies stored zeros, so no dagger
+        run("lrsd", "4", "false", "sparse: 4 layers", macs_nz=2e8, macs_nz_ratio=5.0),
+        run(
+            "magnitude",
+            "4",
+            "false",
+            "masked dense: 13 layers; sparse: 2 layers",
+            macs_nz=3e8,
+            macs_nz_ratio=1e9 / 3e8,
+        ),
+        run("svd", "4", "true", "structured", macs_nz=1e9, macs_nz_ratio=4.0),
+        # logged before the deployed tag and macs_nz: the class flag and the executed MACs
+        run("random", "4", "false", None),
+    ]
+    table = display_table(summarize(_study_of(runs), []), "resnet50", "imagenet")
+    rows = {row[1].text: dict(zip(table.columns, (c.text for c in row))) for row in table.rows}
+    assert rows["lrsd"]["FLOPs (MACs)"] == "1.00G" and rows["lrsd"]["FLOPs nz"] == "200.00M"
+    assert rows["lrsd"]["FLOPs nz red. (%)"] == "80.0"
+    assert rows["magnitude"]["FLOPs (MACs)"] == "1.00G†"
+    assert rows["magnitude"]["FLOPs nz red. (%)"] == "70.0"
+    assert rows["svd"]["FLOPs (MACs)"] == "1.00G"
+    assert rows["random"]["FLOPs (MACs)"] == "1.00G†"  # fallback: structured=false
+    assert rows["random"]["FLOPs nz"] == "1.00G" and rows["random"]["FLOPs nz red. (%)"] == "75.0"
+    assert rows["dense baseline"]["FLOPs nz"] == "1.00G"
+    notes = " ".join(table.footnotes)
+    assert "FLOPs nz: those that touch a stored nonzero" in notes
+    assert "† Masked dense layers" in notes
 
 
 def test_a_final_off_its_target_never_stands_under_it():
@@ -282,7 +320,7 @@ def test_table_numbers_are_mean_and_std_over_seeds(cli_report):
     assert "FLOPs (MACs)" in md.splitlines()[2]
     magnitude = _md_row(md, "magnitude", f"4{TIMES}")
     assert "314.00M†" in magnitude and "0.0" in magnitude  # unstructured: dense MACs, footnoted
-    assert "† Unstructured sparsity" in md
+    assert "† Masked dense layers" in md
 
 
 def test_speedup_columns_say_device_backend_batch_and_threads(cli_report):
