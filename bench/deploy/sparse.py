@@ -247,8 +247,9 @@ class SemiStructuredLinear(nn.Module):
 
 
 def is_sparse_module(module: nn.Module) -> bool:
-    """A layer that stores only some of its weight's values (it offers ``stored_bytes``)."""
-    return callable(getattr(module, "stored_bytes", None))
+    """A layer of this pass that stores only its weight's nonzeros (CSR or 2:4). Other modules
+    with ``stored_bytes`` (``bench.deploy.fused``'s padded and recomposed pairs) are not sparse."""
+    return isinstance(module, _CSRWeight | SemiStructuredLinear)
 
 
 # ----------------------------------------------------------------------------------- choosing
@@ -416,9 +417,18 @@ def describe(model: nn.Module, min_zeros: float = 0.01) -> str:
 
     A conv or linear layer whose weight is at least ``min_zeros`` zeros counts as masked dense.
     """
+    # the layers inside a module that says what it stores (a rank-padded pair: its zeros are
+    # padding, not stored) are described by that module
+    owners = [
+        name + "."
+        for name, m in model.named_modules()
+        if callable(getattr(m, "stored_bytes", None)) and not is_sparse_module(m)
+    ]
     masked = sum(
-        isinstance(m, nn.Conv2d | nn.Linear) and zero_fraction(m) >= min_zeros
-        for m in model.modules()
+        isinstance(m, nn.Conv2d | nn.Linear)
+        and zero_fraction(m) >= min_zeros
+        and not any(name.startswith(o) for o in owners)
+        for name, m in model.named_modules()
     )
     sparse = sum(is_sparse_module(m) for m in model.modules())
     if masked == 0 and sparse == 0:
