@@ -58,9 +58,13 @@ def deploy(
 
     deployed = bake_parametrizations(copy.deepcopy(model)).eval()
     notes: dict[str, str] = {}
+    passes = []
     if input_shape is not None:
-        notes |= fold_batchnorm(deployed, input_shape)
+        passes.append(fold_batchnorm(deployed, input_shape))
         if timing is not None:
-            notes |= choose_factorised(deployed, input_shape, timing)
-    notes |= sparsify(deployed, input_shape, timing)
+            passes.append(choose_factorised(deployed, input_shape, timing))
+    passes.append(sparsify(deployed, input_shape, timing))
+    for found in passes:  # a layer two passes looked at keeps both notes, in pass order
+        for name, note in found.items():
+            notes[name] = f"{notes[name]}; {note}" if name in notes else note
     return Deployment(deployed, notes)
