@@ -68,17 +68,22 @@ def _producer_consumer_pairs(model: nn.Module, example: torch.Tensor) -> list[tu
             hooks.append(module.register_forward_hook(after_layer))
         elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
             hooks.append(module.register_forward_pre_hook(before_bn))
+    _run(model, example, hooks)
+    return [
+        (names[layer], names[bn])
+        for layer, bn in pairs
+        if calls[layer] == 1 and calls[bn] == 1 and _foldable(layer, bn)
+    ]
+
+
+def _run(model: nn.Module, example: torch.Tensor, hooks: list) -> None:
+    """One forward pass of ``example`` without autograd, then the ``hooks`` removed."""
     try:
         with torch.no_grad():
             model(example)
     finally:
         for hook in hooks:
             hook.remove()
-    return [
-        (names[layer], names[bn])
-        for layer, bn in pairs
-        if calls[layer] == 1 and calls[bn] == 1 and _foldable(layer, bn)
-    ]
 
 
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
@@ -255,12 +260,7 @@ def _inputs_of(
         )
         for name, module in modules.items()
     ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run(model, example, hooks)
     return seen
 
 
