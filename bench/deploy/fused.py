@@ -250,20 +250,6 @@ def pad_rank(pair: LowRank, multiple: int = _RANK_MULTIPLE) -> PaddedLowRank | N
 
 
 # ----------------------------------------------------------------------------------- choosing
-def _inputs_of(
-    model: nn.Module, modules: dict[str, nn.Module], example: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [
-        module.register_forward_pre_hook(
-            lambda _m, args, name=name: seen.setdefault(name, args[0].detach())
-        )
-        for name, module in modules.items()
-    ]
-    _run(model, example, hooks)
-    return seen
-
-
 def _candidates(pair: LowRank) -> Iterator[tuple[str, nn.Module]]:
     yield "factorised", pair
     padded = pad_rank(pair)
@@ -277,14 +263,14 @@ def choose_factorised(model: nn.Module, input_shape: tuple[int, ...], timing) ->
     """Replace, in place, each factorised pair of ``model`` by its fastest equivalent form, timed
     interleaved at the pair's real input (a batch of ``timing.batch_size`` on ``timing.device``,
     channels-last for convs on CPU, ``timing.threads``); returns a note per pair."""
-    from bench.deploy.timing import time_interleaved
+    from bench.deploy.timing import layer_inputs, time_interleaved
 
     pairs = {n: m for n, m in model.named_modules() if isinstance(m, LowRank)}
     if not pairs:
         return {}
     device = torch.device(timing.device)
     model.to(device)
-    inputs = _inputs_of(model, pairs, _example(model, input_shape, timing.batch_size))
+    inputs = layer_inputs(model, list(pairs), _example(model, input_shape, timing.batch_size))
     notes = {}
     for name, pair in pairs.items():
         if name not in inputs:

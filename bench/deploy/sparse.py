@@ -37,6 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from bench.deploy.timing import layer_inputs
+from methods._lowrank import set_module
+
 __all__ = [
     "MIN_ZEROS",
     "SparseConv2d",
@@ -321,30 +324,6 @@ def _time_interleaved(
 
 
 @torch.no_grad()
-def _inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input of each named layer when ``model`` runs ``x`` (forward pre-hooks)."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-
-        def hook(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            seen.setdefault(name, args[0].detach())
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-@torch.no_grad()
 def sparsify(model: nn.Module, input_shape: tuple[int, ...] | None, timing: Any) -> dict[str, str]:
     """Put each sparse-enough layer of ``model`` (in place, eval mode) in its fastest measured form.
 
@@ -378,7 +357,7 @@ def sparsify(model: nn.Module, input_shape: tuple[int, ...] | None, timing: Any)
         if x.dim() == 4:  # as the latency timer runs a conv net
             model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-        inputs = _inputs(model, names, x)
+        inputs = layer_inputs(model, names, x)
         for name in names:
             if name not in inputs:  # never reached by the forward pass: nothing to time
                 continue
@@ -405,7 +384,7 @@ def _choose(model: nn.Module, name: str, x: torch.Tensor, timing: Any, device: t
     dense_ms = times.pop("dense")
     label = min(times, key=times.get)
     if times[label] < dense_ms:
-        _set(model, name, forms[label])
+        set_module(model, name, forms[label])
         return f"{label} (nnz {nnz:.0%}): {times[label]:.2f} ms vs dense {dense_ms:.2f} ms"
     setattr(dense, _CHOICE, "dense")
     return f"dense: faster than {label} ({dense_ms:.2f} vs {times[label]:.2f} ms, nnz {nnz:.0%})"

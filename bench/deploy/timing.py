@@ -18,7 +18,7 @@ from torch import nn
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils.benchmark import Timer  # noqa: E402
 
-__all__ = ["time_interleaved"]
+__all__ = ["layer_inputs", "time_interleaved"]
 
 _ROUNDS = 3
 
@@ -48,3 +48,22 @@ def time_interleaved(forms: dict[str, nn.Module], x: torch.Tensor, timing) -> di
             run = timer.blocked_autorange(min_run_time=timing.min_run_time / _ROUNDS)
             samples[label] += run.times
     return {label: statistics.median(times) * 1e3 for label, times in samples.items()}
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of each named layer when ``model`` runs ``x`` (forward pre-hooks): where the
+    per-layer choices time their candidate forms."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, name=name: seen.setdefault(name, args[0].detach())
+        )
+        for name in names
+    ]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
